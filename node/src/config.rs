@@ -1,0 +1,852 @@
+//! The node's TOML configuration: parsed, typed and validated before any port is bound.
+//!
+//! Serde's derive stops at the first error; an operator fixing a config wants every problem
+//! at once (linkerd2-proxy habit: list them all, exit 64). So the file is parsed into a
+//! `toml::Table` and each section is read by a [`Section`] reader that records problems as
+//! `dotted.key: message` and keeps going. Unknown keys are problems too.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+/// Which side of the fleet a node faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Faces clients; on a miss asks an upper node (or the origin when standalone).
+    Lower,
+    /// Faces origins; serves only lower nodes carrying a control context.
+    Upper,
+}
+
+impl Role {
+    /// The name used in config, metrics and traces.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Lower => "lower",
+            Role::Upper => "upper",
+        }
+    }
+}
+
+/// What a lower node does when no upper node is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllUpperDown {
+    /// Serve stale if allowed, else 502.
+    Error,
+    /// Go to the origin directly.
+    Origin,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Unique name in the fleet; shown in `Cache-Status`, metrics and traces.
+    pub name: String,
+    /// Lower or upper tier.
+    pub role: Role,
+    /// Data listener for clients and lower tiers.
+    pub listen: SocketAddr,
+    /// Admin API listener.
+    pub admin_listen: SocketAddr,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Bound on the request line plus headers; larger requests get 431.
+    pub max_request_header_size: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub grace_period: Duration,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Bound on stored bytes (bodies, metadata and per-entry overhead).
+    pub capacity: u64,
+    /// Larger responses stream through uncached.
+    pub max_object_size: u64,
+    /// How long one fill may hold the coalescing lock before waiters compete to fetch.
+    pub lock_age_timeout: Duration,
+    /// How long a request waits, in total, on another request's fill before going upstream.
+    pub lock_wait_timeout: Duration,
+}
+
+/// One `[tier].upper` member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpperMember {
+    /// `IP:port` of the member's data listener.
+    pub addr: SocketAddr,
+    /// Share of keys relative to the others; at least 1.
+    pub weight: u32,
+}
+
+/// `[tier]`.
+#[derive(Debug, Clone)]
+pub struct TierConfig {
+    /// Fleet secret for control-context authentication, at least 32 bytes.
+    pub secret: Vec<u8>,
+    /// Upper members (lower nodes only).
+    pub upper: Vec<UpperMember>,
+    /// Policy when every upper member is down.
+    pub on_all_upper_down: AllUpperDown,
+    /// Connect timeout to an upper node.
+    pub connect_timeout: Duration,
+    /// Timeout for an upper node's response headers.
+    pub read_timeout: Duration,
+    /// Consecutive failures that mark a member down.
+    pub failure_threshold: u32,
+    /// How often members are probed.
+    pub probe_interval: Duration,
+}
+
+/// One `[[origin]]`.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    /// Host this origin serves, lowercased, without port.
+    pub host: String,
+    /// `IP:port` or `name:port`; only ever taken from this file.
+    pub address: String,
+    /// Connect with TLS (SNI = `host`).
+    pub tls: bool,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout for response headers and between body reads.
+    pub read_timeout: Duration,
+}
+
+/// `[tracing]`.
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// Base URL of an OTLP/HTTP receiver; `None` = no export.
+    pub otlp_endpoint: Option<String>,
+    /// Parent-based sampling ratio in `[0, 1]`.
+    pub sample_ratio: f64,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// Bearer token required by POST endpoints, when set.
+    pub token: Option<String>,
+}
+
+/// A whole, validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[node]`.
+    pub node: NodeConfig,
+    /// `[cache]`.
+    pub cache: CacheConfig,
+    /// `[tier]`, absent on a standalone node.
+    pub tier: Option<TierConfig>,
+    /// `[[origin]]` tables.
+    pub origins: Vec<OriginConfig>,
+    /// `[tracing]`.
+    pub tracing: TracingConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+}
+
+/// One thing wrong with a config, at a dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `node.role` or `origin[1].address`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is read but invalid; every problem is listed.
+    #[error("{} problem(s)", problems.len())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// One line per problem, `FILE: dotted.key: message`, as `stratus check` prints them.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid { path, problems } => problems
+                .iter()
+                .map(|p| format!("{}: {p}", path.display()))
+                .collect(),
+        }
+    }
+}
+
+// Defaults. Each says why.
+/// Two workers keep one node responsive on small machines; operators raise it per core.
+const DEFAULT_THREADS: usize = 2;
+/// Matches nginx's `large_client_header_buffers 4 8k`: enough for real cookies, small enough
+/// that a header flood cannot pin memory.
+const DEFAULT_MAX_REQUEST_HEADER: u64 = 32 * 1024;
+/// Long enough for slow downloads to finish on deploy, short enough for a rolling restart.
+const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// 256 MiB: a useful hot set without surprising a small host.
+const DEFAULT_CAPACITY: u64 = 256 * 1024 * 1024;
+/// 32 MiB: bigger objects stream through so one video cannot flush the hot set.
+const DEFAULT_MAX_OBJECT: u64 = 32 * 1024 * 1024;
+/// A fill that holds the lock longer than this is presumed stuck; waiters compete to fetch.
+const DEFAULT_LOCK_AGE: Duration = Duration::from_secs(30);
+/// A waiter gives up on someone else's fill after this and fetches uncached itself.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
+/// Loopback or same-datacenter upper nodes connect in well under this.
+const DEFAULT_TIER_CONNECT: Duration = Duration::from_millis(500);
+/// An upper node answers headers from cache at once; it waits on origins up to their own timeout.
+const DEFAULT_TIER_READ: Duration = Duration::from_secs(5);
+/// Three strikes: one lost packet does not move a member's keys.
+const DEFAULT_FAILURE_THRESHOLD: u64 = 3;
+/// Probed every second, so a recovered member returns within about a second.
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Origins across the internet get two seconds to accept.
+const DEFAULT_ORIGIN_CONNECT: Duration = Duration::from_secs(2);
+/// Origins may compute responses; thirty seconds matches common CDN defaults.
+const DEFAULT_ORIGIN_READ: Duration = Duration::from_secs(30);
+/// HMAC-SHA256 keys shorter than its output weaken it.
+const MIN_SECRET_LEN: usize = 32;
+
+/// Reads one table's keys, recording problems under a dotted prefix.
+struct Section<'a> {
+    prefix: String,
+    table: Option<&'a Table>,
+    seen: BTreeSet<&'static str>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl<'a> Section<'a> {
+    fn new(prefix: impl Into<String>, table: Option<&'a Table>, problems: &'a mut Vec<Problem>) -> Self {
+        Section {
+            prefix: prefix.into(),
+            table,
+            seen: BTreeSet::new(),
+            problems,
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    fn problem(&mut self, name: &str, message: impl Into<String>) {
+        let key = self.key(name);
+        self.problems.push(Problem {
+            key,
+            message: message.into(),
+        });
+    }
+
+    fn raw(&mut self, name: &'static str) -> Option<&'a Value> {
+        self.seen.insert(name);
+        self.table.and_then(|t| t.get(name))
+    }
+
+    fn string(&mut self, name: &'static str) -> Option<String> {
+        match self.raw(name)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.problem(name, format!("must be a string, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, name: &'static str) -> Option<String> {
+        let value = self.string(name);
+        if value.is_none() && self.table.is_some_and(|t| !t.contains_key(name)) {
+            self.problem(name, "is required");
+        }
+        value
+    }
+
+    fn boolean(&mut self, name: &'static str, default: bool) -> bool {
+        match self.raw(name) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                let found = other.type_str();
+                self.problem(name, format!("must be true or false, found {found}"));
+                default
+            }
+        }
+    }
+
+    fn integer(&mut self, name: &'static str, min: i64, max: i64, default: i64) -> i64 {
+        match self.raw(name) {
+            None => default,
+            Some(Value::Integer(n)) if (min..=max).contains(n) => *n,
+            Some(Value::Integer(n)) => {
+                self.problem(name, format!("must be between {min} and {max}, found {n}"));
+                default
+            }
+            Some(other) => {
+                let found = other.type_str();
+                self.problem(name, format!("must be an integer, found {found}"));
+                default
+            }
+        }
+    }
+
+    fn float(&mut self, name: &'static str, default: f64) -> f64 {
+        match self.raw(name) {
+            None => default,
+            Some(Value::Float(f)) => *f,
+            Some(Value::Integer(n)) => *n as f64,
+            Some(other) => {
+                let found = other.type_str();
+                self.problem(name, format!("must be a number, found {found}"));
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, name: &'static str) -> Option<SocketAddr> {
+        let s = self.required_string(name)?;
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(name, format!("must be IP:port, found {s:?}"));
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, name: &'static str, default: u64) -> u64 {
+        match self.raw(name) {
+            None => default,
+            Some(Value::Integer(n)) if *n > 0 => *n as u64,
+            Some(Value::String(s)) => match parse_size(s) {
+                Some(n) if n > 0 => n,
+                _ => {
+                    let msg = format!("must be a size like \"64MiB\" (B, KiB, MiB, GiB), found {s:?}");
+                    self.problem(name, msg);
+                    default
+                }
+            },
+            Some(other) => {
+                let msg = format!("must be a size like \"64MiB\", found {other}");
+                self.problem(name, msg);
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, name: &'static str, default: Duration) -> Duration {
+        match self.raw(name) {
+            None => default,
+            Some(Value::String(s)) => match parse_duration(s) {
+                Some(d) if !d.is_zero() => d,
+                _ => {
+                    let msg = format!("must be a duration like \"500ms\", \"2s\" or \"1m\", found {s:?}");
+                    self.problem(name, msg);
+                    default
+                }
+            },
+            Some(other) => {
+                let msg = format!("must be a duration string like \"2s\", found {other}");
+                self.problem(name, msg);
+                default
+            }
+        }
+    }
+
+    /// Reports keys that no reader asked for.
+    fn finish(self) {
+        let Some(table) = self.table else { return };
+        let unknown: Vec<String> = table
+            .keys()
+            .filter(|k| !self.seen.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            let key = self.key(&k);
+            self.problems.push(Problem {
+                key,
+                message: "unknown key".into(),
+            });
+        }
+    }
+}
+
+/// Parses `"64MiB"`, `"512KiB"`, `"1GiB"`, `"100B"` or a bare number of bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses `"250ms"`, `"2s"`, `"1m"` or `"1h"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+fn table_of<'a>(
+    root: &'a Table,
+    name: &'static str,
+    seen: &mut BTreeSet<&'static str>,
+    problems: &mut Vec<Problem>,
+) -> Option<&'a Table> {
+    seen.insert(name);
+    match root.get(name)? {
+        Value::Table(t) => Some(t),
+        other => {
+            problems.push(Problem {
+                key: name.into(),
+                message: format!("must be a table, found {}", other.type_str()),
+            });
+            None
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. `secret_file` paths are relative to the config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses and validates config text; on failure returns every problem found.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+        let root: Table = match text.parse::<Table>() {
+            Ok(t) => t,
+            Err(e) => {
+                let message = e.message().to_string();
+                let key = match e.span() {
+                    Some(span) => {
+                        let line = text[..span.start.min(text.len())].lines().count().max(1);
+                        format!("line {line}")
+                    }
+                    None => "toml".into(),
+                };
+                return Err(vec![Problem { key, message }]);
+            }
+        };
+        let mut problems = Vec::new();
+        let mut seen = BTreeSet::new();
+
+        let node_t = table_of(&root, "node", &mut seen, &mut problems);
+        if node_t.is_none() && !root.contains_key("node") {
+            problems.push(Problem {
+                key: "node".into(),
+                message: "is required".into(),
+            });
+        }
+        let node = read_node(node_t, &mut problems);
+        let cache_t = table_of(&root, "cache", &mut seen, &mut problems);
+        let cache = read_cache(cache_t, &mut problems);
+        let tier_t = table_of(&root, "tier", &mut seen, &mut problems);
+        let tier = tier_t.map(|t| read_tier(t, base_dir, &mut problems));
+        let tracing_t = table_of(&root, "tracing", &mut seen, &mut problems);
+        let tracing = read_tracing(tracing_t, &mut problems);
+        let admin_t = table_of(&root, "admin", &mut seen, &mut problems);
+        let admin = read_admin(admin_t, &mut problems);
+        seen.insert("origin");
+        let origins = read_origins(root.get("origin"), &mut problems);
+
+        for k in root.keys().filter(|k| !seen.contains(k.as_str())) {
+            problems.push(Problem {
+                key: k.clone(),
+                message: "unknown section".into(),
+            });
+        }
+
+        // Cross-section rules.
+        if let Some(node) = &node {
+            if node.listen == node.admin_listen {
+                problems.push(Problem {
+                    key: "node.admin_listen".into(),
+                    message: "must differ from node.listen".into(),
+                });
+            }
+            match (node.role, &tier) {
+                (Role::Upper, None) => problems.push(Problem {
+                    key: "tier".into(),
+                    message: "is required for role \"upper\"".into(),
+                }),
+                (Role::Upper, Some(t)) if !t.upper.is_empty() => problems.push(Problem {
+                    key: "tier.upper".into(),
+                    message: "only lower nodes list upper members".into(),
+                }),
+                _ => {}
+            }
+        }
+        if cache.max_object_size > cache.capacity {
+            problems.push(Problem {
+                key: "cache.max_object_size".into(),
+                message: "must not exceed cache.capacity".into(),
+            });
+        }
+
+        match (node, problems.is_empty()) {
+            (Some(node), true) => Ok(Config {
+                node,
+                cache,
+                tier,
+                origins,
+                tracing,
+                admin,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    /// The origin serving `host` (case-insensitive, port ignored), if any.
+    pub fn origin_for(&self, host: &str) -> Option<&OriginConfig> {
+        let host = normalize_host(host)?;
+        self.origins.iter().find(|o| o.host == host)
+    }
+
+    /// Checks that both listeners can be bound right now, so a taken port is one clear line.
+    pub fn check_ports(&self) -> Result<(), String> {
+        for (key, addr) in [
+            ("node.listen", self.node.listen),
+            ("node.admin_listen", self.node.admin_listen),
+        ] {
+            TcpListener::bind(addr).map_err(|e| format!("{key}: cannot bind {addr}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Lowercases a Host value and strips its port; `None` if it is not a plausible host name.
+pub fn normalize_host(host: &str) -> Option<String> {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        let end = rest.find(']')?;
+        &rest[..end]
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+    valid.then(|| name.to_ascii_lowercase())
+}
+
+fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfig> {
+    let t = t?;
+    let mut s = Section::new("node", Some(t), problems);
+    let name = s.required_string("name");
+    if let Some(n) = &name {
+        let ok = !n.is_empty()
+            && n.len() <= 64
+            && n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            s.problem(
+                "name",
+                "must be 1-64 characters of letters, digits, '-', '_' or '.' (it appears in headers)",
+            );
+        }
+    }
+    let role = match s.required_string("role").as_deref() {
+        Some("lower") => Some(Role::Lower),
+        Some("upper") => Some(Role::Upper),
+        Some(_) => {
+            s.problem("role", "must be \"lower\" or \"upper\"");
+            None
+        }
+        None => None,
+    };
+    let listen = s.addr("listen");
+    let admin_listen = s.addr("admin_listen");
+    let threads = s.integer("threads", 1, 256, DEFAULT_THREADS as i64) as usize;
+    let max_request_header_size = s.size("max_request_header_size", DEFAULT_MAX_REQUEST_HEADER);
+    let grace_period = s.duration("grace_period", DEFAULT_GRACE_PERIOD);
+    s.finish();
+    Some(NodeConfig {
+        name: name?,
+        role: role?,
+        listen: listen?,
+        admin_listen: admin_listen?,
+        threads,
+        max_request_header_size: usize::try_from(max_request_header_size).unwrap_or(usize::MAX),
+        grace_period,
+    })
+}
+
+fn read_cache(t: Option<&Table>, problems: &mut Vec<Problem>) -> CacheConfig {
+    let mut s = Section::new("cache", t, problems);
+    let capacity = s.size("capacity", DEFAULT_CAPACITY);
+    let mut max_object_size = s.size("max_object_size", DEFAULT_MAX_OBJECT);
+    if max_object_size > u64::from(u32::MAX) / 2 {
+        s.problem("max_object_size", "must be at most 2GiB");
+        max_object_size = DEFAULT_MAX_OBJECT;
+    }
+    let lock_age_timeout = s.duration("lock_age_timeout", DEFAULT_LOCK_AGE);
+    let lock_wait_timeout = s.duration("lock_wait_timeout", DEFAULT_LOCK_WAIT);
+    s.finish();
+    CacheConfig {
+        capacity,
+        max_object_size,
+        lock_age_timeout,
+        lock_wait_timeout,
+    }
+}
+
+fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierConfig {
+    let mut s = Section::new("tier", Some(t), problems);
+    let inline = s.string("secret");
+    let file = s.string("secret_file");
+    let secret = match (inline, file) {
+        (Some(_), Some(_)) => {
+            s.problem("secret_file", "give either secret or secret_file, not both");
+            Vec::new()
+        }
+        (Some(secret), None) => secret.into_bytes(),
+        (None, Some(f)) => {
+            let path = base_dir.join(&f);
+            match std::fs::read(&path) {
+                Ok(mut bytes) => {
+                    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                        bytes.pop();
+                    }
+                    bytes
+                }
+                Err(e) => {
+                    s.problem("secret_file", format!("cannot read {}: {e}", path.display()));
+                    Vec::new()
+                }
+            }
+        }
+        (None, None) => {
+            s.problem("secret", "is required (or secret_file)");
+            Vec::new()
+        }
+    };
+    if !secret.is_empty() && secret.len() < MIN_SECRET_LEN {
+        s.problem(
+            "secret",
+            format!("must be at least {MIN_SECRET_LEN} bytes, found {}", secret.len()),
+        );
+    }
+    let mut upper = Vec::new();
+    match s.raw("upper") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                match read_member(item) {
+                    Ok(m) if upper.iter().any(|u: &UpperMember| u.addr == m.addr) => {
+                        s.problem(&format!("upper[{i}]"), format!("{} is listed twice", m.addr))
+                    }
+                    Ok(m) => upper.push(m),
+                    Err(msg) => s.problem(&format!("upper[{i}]"), msg),
+                }
+            }
+        }
+        Some(other) => {
+            let found = other.type_str();
+            s.problem("upper", format!("must be an array, found {found}"));
+        }
+    }
+    let on_all_upper_down = match s.string("on_all_upper_down").as_deref() {
+        None | Some("error") => AllUpperDown::Error,
+        Some("origin") => AllUpperDown::Origin,
+        Some(_) => {
+            s.problem("on_all_upper_down", "must be \"error\" or \"origin\"");
+            AllUpperDown::Error
+        }
+    };
+    let connect_timeout = s.duration("connect_timeout", DEFAULT_TIER_CONNECT);
+    let read_timeout = s.duration("read_timeout", DEFAULT_TIER_READ);
+    let failure_threshold =
+        s.integer("failure_threshold", 1, 1000, DEFAULT_FAILURE_THRESHOLD as i64) as u32;
+    let probe_interval = s.duration("probe_interval", DEFAULT_PROBE_INTERVAL);
+    s.finish();
+    TierConfig {
+        secret,
+        upper,
+        on_all_upper_down,
+        connect_timeout,
+        read_timeout,
+        failure_threshold,
+        probe_interval,
+    }
+}
+
+fn read_member(item: &Value) -> Result<UpperMember, String> {
+    let parse = |s: &str| {
+        s.parse::<SocketAddr>()
+            .map_err(|_| format!("must be IP:port, found {s:?}"))
+    };
+    match item {
+        Value::String(s) => Ok(UpperMember {
+            addr: parse(s)?,
+            weight: 1,
+        }),
+        Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| *k != "addr" && *k != "weight") {
+                return Err(format!("unknown key {k:?}"));
+            }
+            let addr = match t.get("addr") {
+                Some(Value::String(s)) => parse(s)?,
+                _ => return Err("needs addr = \"IP:port\"".into()),
+            };
+            let weight = match t.get("weight") {
+                None => 1,
+                Some(Value::Integer(w)) if (1..=1000).contains(w) => *w as u32,
+                Some(_) => return Err("weight must be an integer from 1 to 1000".into()),
+            };
+            Ok(UpperMember { addr, weight })
+        }
+        other => Err(format!(
+            "must be \"IP:port\" or {{ addr, weight }}, found {}",
+            other.type_str()
+        )),
+    }
+}
+
+fn read_origins(v: Option<&Value>, problems: &mut Vec<Problem>) -> Vec<OriginConfig> {
+    let items = match v {
+        None => return Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            problems.push(Problem {
+                key: "origin".into(),
+                message: format!("must be [[origin]] tables, found {}", other.type_str()),
+            });
+            return Vec::new();
+        }
+    };
+    let mut origins: Vec<OriginConfig> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let prefix = format!("origin[{i}]");
+        let Value::Table(t) = item else {
+            problems.push(Problem {
+                key: prefix,
+                message: "must be a table".into(),
+            });
+            continue;
+        };
+        let mut s = Section::new(prefix, Some(t), problems);
+        let host = s.required_string("host").and_then(|h| {
+            let normalized = normalize_host(&h).filter(|n| n == &h.to_ascii_lowercase());
+            if normalized.is_none() {
+                s.problem("host", format!("must be a host name without port, found {h:?}"));
+            }
+            normalized
+        });
+        if let Some(h) = &host {
+            if origins.iter().any(|o| &o.host == h) {
+                s.problem("host", format!("{h:?} is served by an earlier [[origin]]"));
+            }
+        }
+        let address = s.required_string("address").and_then(|a| {
+            let ok = match a.rsplit_once(':') {
+                Some((name, port)) => !name.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+                None => false,
+            };
+            if !ok {
+                s.problem("address", format!("must be IP:port or name:port, found {a:?}"));
+            }
+            ok.then_some(a)
+        });
+        let tls = s.boolean("tls", false);
+        let connect_timeout = s.duration("connect_timeout", DEFAULT_ORIGIN_CONNECT);
+        let read_timeout = s.duration("read_timeout", DEFAULT_ORIGIN_READ);
+        s.finish();
+        if let (Some(host), Some(address)) = (host, address) {
+            origins.push(OriginConfig {
+                host,
+                address,
+                tls,
+                connect_timeout,
+                read_timeout,
+            });
+        }
+    }
+    origins
+}
+
+fn read_tracing(t: Option<&Table>, problems: &mut Vec<Problem>) -> TracingConfig {
+    let mut s = Section::new("tracing", t, problems);
+    let otlp_endpoint = s.string("otlp_endpoint");
+    if let Some(e) = &otlp_endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            s.problem("otlp_endpoint", format!("must be an http(s):// URL, found {e:?}"));
+        }
+    }
+    let sample_ratio = s.float("sample_ratio", 1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        s.problem("sample_ratio", format!("must be between 0 and 1, found {sample_ratio}"));
+    }
+    s.finish();
+    TracingConfig {
+        otlp_endpoint,
+        sample_ratio,
+    }
+}
+
+fn read_admin(t: Option<&Table>, problems: &mut Vec<Problem>) -> AdminConfig {
+    let mut s = Section::new("admin", t, problems);
+    let token = s.string("token");
+    if token.as_ref().is_some_and(|t| t.len() < 16) {
+        s.problem("token", "must be at least 16 characters");
+    }
+    s.finish();
+    AdminConfig { token }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,135 @@
+//! The one place that turns a failure stratus itself answers into an HTTP status, a short
+//! plain-text body and a `Cache-Status` detail.
+//!
+//! Every generated response in INTERFACE.md ("Errors that stratus itself generates") comes from
+//! [`Generated`]; proxy phases only decide *which* failure happened.
+
+use pingora_error::{Error, ErrorSource, ErrorType};
+
+/// A response stratus writes itself instead of proxying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generated {
+    /// 400: the request is malformed (bad or missing Host, several Host fields).
+    BadRequest(&'static str),
+    /// 421: no `[[origin]]` serves this Host.
+    UnknownHost,
+    /// 431: the request line and headers exceed `node.max_request_header_size`.
+    HeadersTooLarge,
+    /// 502: the upstream could not be reached or answered nonsense; the detail says which.
+    BadGateway(&'static str),
+    /// 504: the upstream timed out; the detail says where.
+    GatewayTimeout(&'static str),
+    /// 508: the request has passed through stratus too many times.
+    LoopDetected,
+}
+
+impl Generated {
+    /// The status code.
+    pub fn status(self) -> u16 {
+        match self {
+            Generated::BadRequest(_) => 400,
+            Generated::UnknownHost => 421,
+            Generated::HeadersTooLarge => 431,
+            Generated::BadGateway(_) => 502,
+            Generated::GatewayTimeout(_) => 504,
+            Generated::LoopDetected => 508,
+        }
+    }
+
+    /// The `Cache-Status` `detail` value: a short token naming the reason.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Generated::BadRequest(d) | Generated::BadGateway(d) | Generated::GatewayTimeout(d) => d,
+            Generated::UnknownHost => "unknown-host",
+            Generated::HeadersTooLarge => "headers-too-large",
+            Generated::LoopDetected => "loop",
+        }
+    }
+
+    /// The short plain-text body.
+    pub fn body(self) -> String {
+        let what = match self {
+            Generated::BadRequest(_) => "bad request",
+            Generated::UnknownHost => "no origin is configured for this host",
+            Generated::HeadersTooLarge => "request headers too large",
+            Generated::BadGateway(_) => "bad gateway",
+            Generated::GatewayTimeout(_) => "gateway timeout",
+            Generated::LoopDetected => "forwarding loop detected",
+        };
+        format!("{} {what} ({})\n", self.status(), self.detail())
+    }
+
+    /// Classifies a pingora error that ended a proxied request. `None`: the client is gone,
+    /// nothing can be written.
+    pub fn from_proxy_error(e: &Error) -> Option<Generated> {
+        use ErrorType::*;
+        if let HTTPStatus(code) = e.etype() {
+            return Some(match code {
+                504 => Generated::GatewayTimeout("upstream-timeout"),
+                400..=499 => Generated::BadRequest("bad-request"),
+                _ => Generated::BadGateway("upstream-error"),
+            });
+        }
+        match e.esource() {
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => None,
+                _ => Some(Generated::BadRequest("bad-request")),
+            },
+            ErrorSource::Upstream | ErrorSource::Internal | ErrorSource::Unset => {
+                Some(match e.etype() {
+                    ConnectTimedout => Generated::GatewayTimeout("connect-timeout"),
+                    ReadTimedout | WriteTimedout => Generated::GatewayTimeout("read-timeout"),
+                    ConnectRefused => Generated::BadGateway("connection-refused"),
+                    ConnectNoRoute => Generated::BadGateway("no-route"),
+                    ConnectionClosed | ConnectError | ReadError | WriteError | TLSHandshakeFailure => {
+                        Generated::BadGateway("connection-reset")
+                    }
+                    InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => {
+                        Generated::BadGateway("invalid-response")
+                    }
+                    Custom(DNS_FAILED) => Generated::BadGateway("dns-failed"),
+                    _ => Generated::BadGateway("upstream-error"),
+                })
+            }
+        }
+    }
+}
+
+/// The custom error type for a failed origin name lookup.
+pub const DNS_FAILED: &str = "DNSFailed";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_failures_say_which() {
+        let refused = Error::new_up(ErrorType::ConnectRefused);
+        assert_eq!(
+            Generated::from_proxy_error(&refused),
+            Some(Generated::BadGateway("connection-refused"))
+        );
+        let dns = Error::new_up(ErrorType::Custom(DNS_FAILED));
+        assert_eq!(Generated::from_proxy_error(&dns).map(|g| g.detail()), Some("dns-failed"));
+        let slow = Error::new_up(ErrorType::ReadTimedout);
+        assert_eq!(Generated::from_proxy_error(&slow).map(|g| g.status()), Some(504));
+        let gone = Error::new_down(ErrorType::WriteError);
+        assert_eq!(Generated::from_proxy_error(&gone), None);
+    }
+
+    #[test]
+    fn bodies_are_short_and_name_the_reason() {
+        for g in [
+            Generated::BadRequest("bad-host"),
+            Generated::UnknownHost,
+            Generated::HeadersTooLarge,
+            Generated::BadGateway("dns-failed"),
+            Generated::GatewayTimeout("read-timeout"),
+            Generated::LoopDetected,
+        ] {
+            let body = g.body();
+            assert!(body.len() < 100 && body.contains(g.detail()), "{body}");
+            assert!(body.starts_with(&g.status().to_string()));
+        }
+    }
+}

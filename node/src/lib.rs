@@ -1,0 +1,15 @@
+//! stratus-node: one stratus CDN node, and every socket, task and Pingora type stratus has.
+//!
+//! It owns I/O: listeners, upstream connections, the cache store, the admin API. It decides
+//! nothing about tier placement (that is `stratus-tiering`) and observes nothing on its own
+//! (that is `stratus-tracing`). Control data between tiers never travels as editable headers.
+
+pub mod admin;
+pub mod cache_status;
+pub mod config;
+pub mod errors;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod store;

@@ -1,0 +1,104 @@
+//! The `stratus` command: `run`, `check` and `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stratus_node::config::{Config, ConfigError};
+use stratus_node::server::{self, RunOptions};
+
+/// Exit status for a bad config (sysexits EX_USAGE, as linkerd2-proxy does).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status for a runtime failure such as a taken port.
+const EXIT_RUNTIME: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "stratus", version, about = "A tiered-cache CDN node on Pingora")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node in the foreground.
+    Run {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Take the listening sockets over from a running old process.
+        #[arg(long)]
+        upgrade: bool,
+        /// Socket for the hand-over (default /tmp/stratus-NAME-upgrade.sock).
+        #[arg(long)]
+        upgrade_sock: Option<String>,
+    },
+    /// Validate a config: exit 0, or 64 listing every problem.
+    Check {
+        /// The TOML config to check.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        for line in e.lines() {
+            eprintln!("{line}");
+        }
+        match e {
+            ConfigError::Read { .. } => ExitCode::from(EXIT_RUNTIME),
+            ConfigError::Invalid { .. } => ExitCode::from(EXIT_CONFIG),
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run {
+            config,
+            upgrade,
+            upgrade_sock,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if cfg.node.role == stratus_node::config::Role::Upper
+                || cfg.tier.as_ref().is_some_and(|t| !t.upper.is_empty())
+            {
+                eprintln!(
+                    "{}: tier: tiered operation is not built yet; run this node standalone (no [tier].upper, role \"lower\")",
+                    config.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            if !upgrade {
+                if let Err(why) = cfg.check_ports() {
+                    eprintln!("{}: {why}", config.display());
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            }
+            let opts = RunOptions {
+                upgrade,
+                upgrade_sock,
+            };
+            match server::build(cfg, &opts) {
+                Ok(server) => server.run_forever(),
+                Err(e) => {
+                    eprintln!("{}: {e:#}", config.display());
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+    }
+}

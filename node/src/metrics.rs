@@ -1,0 +1,79 @@
+//! Prometheus metrics with the names INTERFACE.md promises, in one registry per node.
+//!
+//! Counters are lock-free atomics, so the request path pays an increment and never waits.
+//! Store gauges are read from the store when `/metrics` is scraped, not kept twice.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::store::Store;
+
+/// The node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `stratus_requests_total{cache, code}`: client requests by cache outcome and status.
+    pub requests: IntCounterVec,
+    /// `stratus_origin_requests_total`: requests this node sent to an origin.
+    pub origin_requests: IntCounter,
+    /// `stratus_upper_requests_total{upper, outcome}`: requests sent to upper nodes.
+    pub upper_requests: IntCounterVec,
+    /// `stratus_spans_dropped_total`: spans dropped because the export queue was full.
+    pub spans_dropped: IntCounter,
+    cache_objects: IntGauge,
+    cache_bytes: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric. Fails only if two metrics share a name, which is a bug.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("stratus_requests_total", "Client requests by cache outcome and status code"),
+            &["cache", "code"],
+        )?;
+        let origin_requests = IntCounter::new(
+            "stratus_origin_requests_total",
+            "Requests this node sent to an origin",
+        )?;
+        let upper_requests = IntCounterVec::new(
+            Opts::new("stratus_upper_requests_total", "Requests sent to upper-tier nodes by outcome"),
+            &["upper", "outcome"],
+        )?;
+        let spans_dropped = IntCounter::new(
+            "stratus_spans_dropped_total",
+            "Spans dropped because the export queue was full",
+        )?;
+        let cache_objects = IntGauge::new("stratus_cache_objects", "Objects in the cache")?;
+        let cache_bytes = IntGauge::new(
+            "stratus_cache_bytes",
+            "Bytes held by the cache, as weighed against its capacity",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(origin_requests.clone()))?;
+        registry.register(Box::new(upper_requests.clone()))?;
+        registry.register(Box::new(spans_dropped.clone()))?;
+        registry.register(Box::new(cache_objects.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            origin_requests,
+            upper_requests,
+            spans_dropped,
+            cache_objects,
+            cache_bytes,
+        })
+    }
+
+    /// The Prometheus text exposition, with store gauges read now.
+    pub fn render(&self, store: &Store) -> String {
+        let usage = store.usage();
+        self.cache_objects
+            .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

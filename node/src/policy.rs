@@ -1,0 +1,225 @@
+//! RFC 9111 shared-cache decisions over header values: the cache key, whether and how long a
+//! response may be stored, its `Vary` variant, and the age an upstream already spent.
+//!
+//! These are plain functions over pingora's header types so they can be tested without a
+//! socket; `proxy` calls them from the matching phases. pingora-cache parses Cache-Control and
+//! computes freshness; what it leaves to us (see `notes/pingora-0.9.md` §4) lives here.
+
+use std::time::{Duration, SystemTime};
+
+use http::header;
+use pingora_cache::cache_control::CacheControl;
+use pingora_cache::filters::resp_cacheable;
+use pingora_cache::key::HashBinary;
+use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
+use pingora_cache::VarianceBuilder;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// No heuristic freshness: a response without explicit freshness (`max-age`, `s-maxage`,
+/// `Expires`) is not stored. Stale windows come only from the response's own directives.
+const DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
+
+/// The primary cache key of a request: the host (lowercased, no port) and the exact path and
+/// query. The host is length-prefixed so no two (host, path) pairs frame to the same bytes.
+pub fn primary_key(host: &str, path_and_query: &str) -> String {
+    format!("{}:{host}{path_and_query}", host.len())
+}
+
+/// The pingora cache key for [`primary_key`].
+pub fn cache_key(host: &str, path_and_query: &str) -> CacheKey {
+    CacheKey::new(primary_key(host, path_and_query), "")
+}
+
+/// Whether the cache may be used at all for this request method.
+pub fn method_is_cacheable(req: &RequestHeader) -> bool {
+    matches!(req.method, http::Method::GET | http::Method::HEAD)
+}
+
+/// Decides whether `resp` (the answer to `req`) may be stored, and with which freshness.
+///
+/// Beyond pingora's `resp_cacheable` (no-store, private, Authorization rules, max-age,
+/// s-maxage, Expires, stale-* windows) this refuses `Vary: *`, partial content, and responses
+/// that set cookies without being explicitly public (Varnish's default), and subtracts the
+/// `Age` an upstream cache already spent from the freshness we store.
+pub fn response_cacheability(
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+    now: SystemTime,
+) -> RespCacheable {
+    if resp.status == http::StatusCode::PARTIAL_CONTENT {
+        return RespCacheable::Uncacheable(NoCacheReason::Custom("partial-content"));
+    }
+    if vary_names(resp).any(|n| n == "*") {
+        return RespCacheable::Uncacheable(NoCacheReason::Custom("vary-star"));
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    let explicitly_shared = cc
+        .as_ref()
+        .is_some_and(|cc| cc.public() || cc.has_key("s-maxage"));
+    if resp.headers.contains_key(header::SET_COOKIE) && !explicitly_shared {
+        return RespCacheable::Uncacheable(NoCacheReason::Custom("set-cookie"));
+    }
+    let authorization = req.headers.contains_key(header::AUTHORIZATION);
+    match resp_cacheable(cc.as_ref(), resp.clone(), authorization, &DEFAULTS) {
+        RespCacheable::Cacheable(mut meta) => {
+            if let Some(age) = upstream_age(resp) {
+                apply_upstream_age(&mut meta, age, now);
+            }
+            // The stored header must not carry the upstream's Age: pingora computes Age on
+            // every hit from the meta's epoch, which now includes it.
+            meta.response_header_mut().remove_header(&header::AGE);
+            RespCacheable::Cacheable(meta)
+        }
+        uncacheable => uncacheable,
+    }
+}
+
+/// The `Age` an upstream reported, if it is a valid delta-seconds value.
+pub fn upstream_age(resp: &ResponseHeader) -> Option<Duration> {
+    let mut values = resp.headers.get_all(header::AGE).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None; // several Age fields: invalid, ignore all (RFC 9111 §5.1)
+    }
+    let secs: u64 = first.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// Makes `meta` count `age` as already spent: freshness ends `age` earlier and the age we
+/// report downstream starts at `age` (pingora ignores an upstream's Age by default).
+pub fn apply_upstream_age(meta: &mut CacheMeta, age: Duration, now: SystemTime) {
+    let born = now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+    let fresh_until = meta
+        .fresh_until()
+        .checked_sub(age)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    meta.expire_at(fresh_until);
+    meta.set_epoch_override(born);
+}
+
+/// Field names listed in the response's `Vary`, lowercased.
+pub fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {
+    resp.headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+}
+
+/// The variant hash of `req` for a stored response's `Vary`, or `None` when it has no `Vary`.
+/// Values are compared after trimming; several fields of one name are joined in order.
+pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
+    let mut names: Vec<String> = vary_names(meta.response_header()).collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return None;
+    }
+    let mut builder = VarianceBuilder::new();
+    for name in names {
+        let value: Vec<u8> = req
+            .headers
+            .get_all(name.as_str())
+            .iter()
+            .map(|v| v.as_bytes().trim_ascii())
+            .collect::<Vec<_>>()
+            .join(&b","[..]);
+        builder.add_owned_name_value(name, value);
+    }
+    builder.finalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> RequestHeader {
+        RequestHeader::build("GET", b"/", None).expect("static request")
+    }
+
+    fn resp(headers: &[(&'static str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(200, None).expect("static response");
+        for (k, v) in headers {
+            r.append_header(*k, *v).expect("valid header");
+        }
+        r
+    }
+
+    fn ttl(c: &RespCacheable, now: SystemTime) -> Option<i64> {
+        match c {
+            RespCacheable::Cacheable(m) => Some(match m.fresh_until().duration_since(now) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            }),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn keys_frame_host_and_path() {
+        assert_ne!(primary_key("a.b", "/c"), primary_key("a", ".b/c"));
+        assert_eq!(primary_key("example.test", "/x?y"), "12:example.test/x?y");
+    }
+
+    #[test]
+    fn storable_and_not() {
+        let now = SystemTime::now();
+        let r = req();
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now), now), Some(60));
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "no-store, max-age=60")]), now), now), None);
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "private, max-age=60")]), now), now), None);
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[]), now), now), None, "no heuristic freshness");
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60"), ("vary", "*")]), now), now), None);
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), now), now), None);
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "public, max-age=60"), ("set-cookie", "a=b")]), now), now), Some(60));
+    }
+
+    #[test]
+    fn authorization_needs_explicit_permission() {
+        let now = SystemTime::now();
+        let mut r = req();
+        r.insert_header("authorization", "Bearer x").expect("header");
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now), now), None);
+        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "s-maxage=60")]), now), now), Some(60));
+    }
+
+    #[test]
+    fn upstream_age_reduces_freshness_and_is_not_stored() {
+        let now = SystemTime::now();
+        let c = response_cacheability(&req(), &resp(&[("cache-control", "max-age=60"), ("age", "45")]), now);
+        assert_eq!(ttl(&c, now), Some(15));
+        let RespCacheable::Cacheable(meta) = c else { panic!("cacheable") };
+        assert!(meta.response_header().headers.get("age").is_none());
+        assert!(meta.age() >= Duration::from_secs(45));
+        let stale = response_cacheability(&req(), &resp(&[("cache-control", "max-age=10"), ("age", "20")]), now);
+        assert_eq!(ttl(&stale, now), Some(-10));
+        assert_eq!(upstream_age(&resp(&[("age", "1"), ("age", "2")])), None);
+        assert_eq!(upstream_age(&resp(&[("age", "-1")])), None);
+    }
+
+    #[test]
+    fn variance_follows_vary() {
+        let now = SystemTime::now();
+        let RespCacheable::Cacheable(meta) = response_cacheability(
+            &req(),
+            &resp(&[("cache-control", "max-age=60"), ("vary", "Accept-Encoding")]),
+            now,
+        ) else {
+            panic!("cacheable")
+        };
+        let mut gzip = req();
+        gzip.insert_header("accept-encoding", "gzip").expect("header");
+        let mut br = req();
+        br.insert_header("accept-encoding", "br").expect("header");
+        assert_ne!(variance(&meta, &gzip), variance(&meta, &br));
+        assert!(variance(&meta, &gzip).is_some());
+        let RespCacheable::Cacheable(plain) =
+            response_cacheability(&req(), &resp(&[("cache-control", "max-age=60")]), now)
+        else {
+            panic!("cacheable")
+        };
+        assert_eq!(variance(&plain, &gzip), None);
+    }
+}

@@ -1,0 +1,574 @@
+//! The node's object store: pingora-cache's [`Storage`] over a bytes-weighted moka cache.
+//!
+//! Pingora ships only `MemCache`, which its authors mark "for testing only": it has no size
+//! bound, copies every body, panics on a missing `update_meta`, and reports an abandoned fill
+//! as a clean end of body (pingora issue #932). This store fixes those four things:
+//!
+//! - **Bounded.** Finished objects live in a moka cache whose weigher counts body and metadata
+//!   bytes, so `capacity` bounds memory. Each entry expires when no one can use it any more:
+//!   after its freshness *plus* its stale-while-revalidate / stale-if-error windows, because
+//!   pingora decides staleness itself and needs the stale body to revalidate or to serve on error.
+//! - **Zero-copy hits.** Bodies are [`Bytes`]; a hit or a range slices them.
+//! - **Streaming fills.** A fill in progress is visible to readers (`support_streaming_partial_write`),
+//!   so requests that arrive during a fill stream that fill instead of fetching again.
+//! - **Abandoned fills are errors.** A miss handler dropped before `finish` marks its fill
+//!   `Failed`; readers streaming it get `Err`, so the proxy aborts their connections instead of
+//!   ending a short body as if it were complete.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use pingora_cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora_cache::storage::streaming_write::U64WriteId;
+use pingora_cache::storage::{
+    HandleHit, HandleMiss, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
+use pingora_error::{Error, ErrorType, Result};
+use tokio::sync::watch;
+
+/// Bytes charged per entry on top of body and metadata: key, moka node, `Arc`s.
+const ENTRY_OVERHEAD: u64 = 160;
+
+/// How long an entry outlives its last usable moment. Covers clock rounding between pingora's
+/// freshness checks (whole seconds) and moka's timer wheel.
+const EXPIRY_GRACE: Duration = Duration::from_secs(2);
+
+/// Serialized [`CacheMeta`]: `(internal, header)` as produced by [`CacheMeta::serialize`].
+///
+/// `CacheMeta` is not `Clone` and its provenance fields are crate-private, so we keep the blobs
+/// and decode on each lookup rather than rebuilding a lossy copy.
+type MetaBlobs = Arc<(Vec<u8>, Vec<u8>)>;
+
+/// One finished object.
+#[derive(Clone)]
+struct Stored {
+    /// The primary hash, so a purge can remove every `Vary` variant of a URL.
+    primary: HashBinary,
+    meta: MetaBlobs,
+    body: Bytes,
+    /// After this instant no request may use the object, not even stale.
+    keep_until: SystemTime,
+}
+
+impl Stored {
+    fn weight(&self) -> u32 {
+        let bytes = self.body.len() as u64
+            + self.meta.0.len() as u64
+            + self.meta.1.len() as u64
+            + ENTRY_OVERHEAD;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
+/// How far a fill in progress has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FillState {
+    /// This many chunks are readable; more may come.
+    Writing(usize),
+    /// All chunks are written and the object was committed.
+    Done(usize),
+    /// The writer gave up: the body is incomplete and must not be served as complete.
+    Failed,
+}
+
+/// A fill in progress, shared by its writer and the readers streaming it.
+#[derive(Clone)]
+struct Fill {
+    meta: MetaBlobs,
+    chunks: Arc<RwLock<Vec<Bytes>>>,
+    state: Arc<watch::Sender<FillState>>,
+}
+
+/// What the store holds right now, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Number of finished objects (all variants).
+    pub objects: u64,
+    /// Weighted bytes of finished objects, as counted against `capacity`.
+    pub bytes: u64,
+}
+
+/// The bytes-bounded object store. Create one per process and leak it: pingora wants `&'static`.
+pub struct Store {
+    done: moka::sync::Cache<HashBinary, Stored>,
+    fills: Mutex<HashMap<HashBinary, HashMap<u64, Fill>>>,
+    next_fill_id: AtomicU64,
+    capacity: u64,
+}
+
+/// moka expiry policy: an entry lives until its `keep_until`.
+struct KeepUntil;
+
+impl moka::Expiry<HashBinary, Stored> for KeepUntil {
+    fn expire_after_create(
+        &self,
+        _key: &HashBinary,
+        value: &Stored,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(remaining(value.keep_until))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &HashBinary,
+        value: &Stored,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(remaining(value.keep_until))
+    }
+}
+
+fn remaining(until: SystemTime) -> Duration {
+    until
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The last moment any request may use an object with this metadata.
+fn keep_until(meta: &CacheMeta) -> SystemTime {
+    let stale = meta
+        .stale_while_revalidate_sec()
+        .max(meta.stale_if_error_sec());
+    meta.fresh_until()
+        .checked_add(Duration::from_secs(u64::from(stale)) + EXPIRY_GRACE)
+        .unwrap_or(meta.fresh_until())
+}
+
+fn storage_error(context: &'static str, detail: String) -> Box<Error> {
+    Error::explain(ErrorType::InternalError, format!("{context}: {detail}"))
+}
+
+impl Store {
+    /// A store that keeps at most `capacity` weighted bytes of finished objects.
+    pub fn new(capacity: u64) -> Self {
+        let done = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_k: &HashBinary, v: &Stored| v.weight())
+            .expire_after(KeepUntil)
+            .support_invalidation_closures()
+            .build();
+        Store {
+            done,
+            fills: Mutex::new(HashMap::new()),
+            next_fill_id: AtomicU64::new(1),
+            capacity,
+        }
+    }
+
+    /// A store leaked to `'static`, as pingora's cache phases require.
+    pub fn leaked(capacity: u64) -> &'static Self {
+        Box::leak(Box::new(Self::new(capacity)))
+    }
+
+    /// The configured bound on weighted bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Finished objects and their weighted bytes (after applying pending evictions).
+    pub fn usage(&self) -> StoreUsage {
+        self.done.run_pending_tasks();
+        StoreUsage {
+            objects: self.done.entry_count(),
+            bytes: self.done.weighted_size(),
+        }
+    }
+
+    /// Remove every variant stored under `primary`, and abandon any fill of it.
+    /// Returns whether anything was removed.
+    pub fn purge_primary(&self, primary: HashBinary) -> bool {
+        let filling = self.fills.lock().remove(&primary).is_some();
+        let stored = self.done.contains_key(&primary)
+            || self.done.iter().any(|(_, v)| v.primary == primary);
+        // Invalidation closures apply to reads at once and are reaped in the background.
+        // The closure cannot fail to register here: the builder enabled them.
+        let _ = self
+            .done
+            .invalidate_entries_if(move |_, v| v.primary == primary);
+        self.done.invalidate(&primary);
+        filling || stored
+    }
+
+    fn hit_from_fill(fill: &Fill) -> Result<(CacheMeta, HitHandler)> {
+        let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
+        let reader = StreamingHit {
+            chunks: fill.chunks.clone(),
+            state: fill.state.subscribe(),
+            next_chunk: 0,
+        };
+        Ok((meta, Box::new(reader)))
+    }
+
+    fn remove_fill(&self, key: &HashBinary, id: u64) {
+        let mut fills = self.fills.lock();
+        if let Some(per_key) = fills.get_mut(key) {
+            per_key.remove(&id);
+            if per_key.is_empty() {
+                fills.remove(key);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for Store {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let hash = key.combined_bin();
+        // A fill in progress wins over a stored object: it is the newer response, and readers
+        // released by the cache lock at header time must stream it rather than fetch again.
+        let fill = self
+            .fills
+            .lock()
+            .get(&hash)
+            .and_then(|per_key| per_key.values().next().cloned());
+        if let Some(fill) = fill {
+            return Self::hit_from_fill(&fill).map(Some);
+        }
+        let Some(stored) = self.done.get(&hash) else {
+            return Ok(None);
+        };
+        let meta = CacheMeta::deserialize(&stored.meta.0, &stored.meta.1)?;
+        let len = stored.body.len();
+        let hit = CompleteHit {
+            body: stored.body,
+            start: 0,
+            end: len,
+            read: false,
+        };
+        Ok(Some((meta, Box::new(hit))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let Some(tag) = tag else {
+            return self.lookup(key, trace).await;
+        };
+        let id: u64 = U64WriteId::try_from(tag)
+            .map_err(|_| storage_error("lookup_streaming_write", "bad write tag".into()))?
+            .into();
+        let fill = self
+            .fills
+            .lock()
+            .get(&key.combined_bin())
+            .and_then(|per_key| per_key.get(&id).cloned());
+        match fill {
+            Some(fill) => Self::hit_from_fill(&fill).map(Some),
+            // The fill finished (or was purged) between the write and this read.
+            None => self.lookup(key, trace).await,
+        }
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let hash = key.combined_bin();
+        let blobs: MetaBlobs = Arc::new(meta.serialize()?);
+        let id = self.next_fill_id.fetch_add(1, Ordering::Relaxed);
+        let fill = Fill {
+            meta: blobs.clone(),
+            chunks: Arc::new(RwLock::new(Vec::new())),
+            state: Arc::new(watch::Sender::new(FillState::Writing(0))),
+        };
+        self.fills
+            .lock()
+            .entry(hash)
+            .or_default()
+            .insert(id, fill.clone());
+        Ok(Box::new(StoreMiss {
+            store: self,
+            key: hash,
+            primary: key.primary_bin(),
+            id,
+            tag: U64WriteId::from(id),
+            keep_until: keep_until(meta),
+            fill,
+            bytes: 0,
+            finished: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        // We assign no entry ids, so an identified exact target is never ours.
+        if matches!(
+            target,
+            PurgeTarget::Exact(pingora_cache::eviction::CacheEntryKey::Identified { .. })
+        ) {
+            return Ok(PurgeOutcome::NotFound);
+        }
+        let key: &CompactCacheKey = target.key();
+        let hash = key.combined_bin();
+        let filling = self.fills.lock().remove(&hash).is_some();
+        let stored = self.done.remove(&hash).is_some();
+        Ok(if filling || stored {
+            PurgeOutcome::Purged(None)
+        } else {
+            PurgeOutcome::NotFound
+        })
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let hash = key.combined_bin();
+        let Some(old) = self.done.get(&hash) else {
+            return Ok(false);
+        };
+        let updated = Stored {
+            primary: old.primary,
+            meta: Arc::new(meta.serialize()?),
+            body: old.body,
+            keep_until: keep_until(meta),
+        };
+        self.done.insert(hash, updated);
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// A hit on a finished object: a slice of its body, seekable for ranges.
+struct CompleteHit {
+    body: Bytes,
+    start: usize,
+    end: usize,
+    read: bool,
+}
+
+#[async_trait]
+impl HandleHit for CompleteHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.read || self.start >= self.end {
+            return Ok(None);
+        }
+        self.read = true;
+        Ok(Some(self.body.slice(self.start..self.end)))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        let len = self.body.len();
+        if start >= len {
+            return Err(storage_error(
+                "seek",
+                format!("start {start} beyond body length {len}"),
+            ));
+        }
+        self.start = start;
+        self.end = end.map_or(len, |e| e.min(len));
+        // A seek restarts reading so one handler can serve several ranges.
+        self.read = false;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.body.len()
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// A reader of a fill in progress: yields chunks as the writer adds them.
+struct StreamingHit {
+    chunks: Arc<RwLock<Vec<Bytes>>>,
+    state: watch::Receiver<FillState>,
+    next_chunk: usize,
+}
+
+#[async_trait]
+impl HandleHit for StreamingHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let state = *self.state.borrow_and_update();
+            let available = match state {
+                FillState::Failed => {
+                    return Err(storage_error(
+                        "read_body",
+                        "the fill this response streams was abandoned".into(),
+                    ))
+                }
+                FillState::Writing(n) | FillState::Done(n) => n,
+            };
+            if available > self.next_chunk {
+                let chunks = self.chunks.read();
+                let chunk = chunks.get(self.next_chunk).cloned();
+                drop(chunks);
+                if let Some(chunk) = chunk {
+                    self.next_chunk += 1;
+                    return Ok(Some(chunk));
+                }
+            }
+            if matches!(state, FillState::Done(_)) {
+                return Ok(None);
+            }
+            if self.state.changed().await.is_err() {
+                // The writer vanished without saying Done: treat it as abandoned.
+                if matches!(*self.state.borrow(), FillState::Done(_)) {
+                    continue;
+                }
+                return Err(storage_error(
+                    "read_body",
+                    "the fill this response streams ended without finishing".into(),
+                ));
+            }
+        }
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn should_count_access(&self) -> bool {
+        false
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// The writer of one fill. Dropped without [`HandleMiss::finish`], it marks the fill failed.
+struct StoreMiss {
+    store: &'static Store,
+    key: HashBinary,
+    primary: HashBinary,
+    id: u64,
+    tag: U64WriteId,
+    keep_until: SystemTime,
+    fill: Fill,
+    bytes: usize,
+    finished: bool,
+}
+
+#[async_trait]
+impl HandleMiss for StoreMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        let n = {
+            let mut chunks = self.fill.chunks.write();
+            if !data.is_empty() {
+                self.bytes += data.len();
+                chunks.push(data);
+            }
+            chunks.len()
+        };
+        let _ = eof; // completion is signalled by finish(), after the object is committed
+        self.fill.state.send_replace(FillState::Writing(n));
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        let body = {
+            let chunks = self.fill.chunks.read();
+            match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks[0].clone(),
+                _ => {
+                    let mut joined = Vec::with_capacity(self.bytes);
+                    for c in chunks.iter() {
+                        joined.extend_from_slice(c);
+                    }
+                    Bytes::from(joined)
+                }
+            }
+        };
+        let size = body.len();
+        let stored = Stored {
+            primary: self.primary,
+            meta: self.fill.meta.clone(),
+            body,
+            keep_until: self.keep_until,
+        };
+        // Only commit if this fill was not purged meanwhile.
+        let still_current = self
+            .store
+            .fills
+            .lock()
+            .get(&self.key)
+            .is_some_and(|per_key| per_key.contains_key(&self.id));
+        if still_current {
+            self.store.done.insert(self.key, stored);
+        }
+        let chunks = self.fill.chunks.read().len();
+        self.fill.state.send_replace(FillState::Done(chunks));
+        self.finished = true;
+        self.store.remove_fill(&self.key, self.id);
+        Ok(MissFinishType::Created(size))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(self.tag.as_bytes())
+    }
+}
+
+impl Drop for StoreMiss {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.fill.state.send_replace(FillState::Failed);
+            self.store.remove_fill(&self.key, self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+//! The store against a model: what a lookup may return, capacity, and abandoned fills.
+
+use super::*;
+use pingora_http::ResponseHeader;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+fn meta(fresh_for: Duration) -> CacheMeta {
+    let now = SystemTime::now();
+    let header = ResponseHeader::build(200, None).expect("static header");
+    CacheMeta::new(now + fresh_for, now, 0, 0, header)
+}
+
+fn key(k: u8) -> CacheKey {
+    CacheKey::new(format!("key-{k}"), "")
+}
+
+/// A body that names its key and version, so a wrong body is recognisable.
+fn body(k: u8, version: u32, len: usize) -> Bytes {
+    let stamp = format!("[{k}:{version}]");
+    Bytes::from(stamp.bytes().cycle().take(len.max(stamp.len())).collect::<Vec<u8>>())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("test runtime")
+}
+
+async fn read_all(hit: &mut HitHandler) -> Result<Bytes> {
+    let mut out = Vec::new();
+    while let Some(chunk) = hit.read_body().await? {
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
+}
+
+async fn fill(store: &'static Store, k: u8, b: &Bytes, chunk: usize, finish: bool) {
+    let span = SpanHandle::default();
+    let mut miss = store
+        .get_miss_handler(&key(k), &meta(Duration::from_secs(600)), &span)
+        .await
+        .expect("miss handler");
+    for part in b.chunks(chunk.max(1)) {
+        miss.write_body(b.slice_ref(part), false)
+            .await
+            .expect("write");
+    }
+    if finish {
+        miss.finish().await.expect("finish");
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Fill { key: u8, len: usize, chunk: usize },
+    AbandonedFill { key: u8, len: usize },
+    Lookup { key: u8 },
+    Purge { key: u8 },
+    UpdateMeta { key: u8 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..8, 0usize..6000, 1usize..3000).prop_map(|(key, len, chunk)| Op::Fill {
+            key,
+            len,
+            chunk
+        }),
+        (0u8..8, 0usize..3000).prop_map(|(key, len)| Op::AbandonedFill { key, len }),
+        (0u8..8).prop_map(|key| Op::Lookup { key }),
+        (0u8..8).prop_map(|key| Op::Purge { key }),
+        (0u8..8).prop_map(|key| Op::UpdateMeta { key }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random fill / lookup / purge / update_meta sequences never exceed capacity and never
+    /// return a body other than the last one stored for that key.
+    #[test]
+    fn store_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let capacity = 16 * 1024;
+        let store = Store::leaked(capacity);
+        let rt = rt();
+        let span = SpanHandle::default();
+        // The model: the last committed body per key. Eviction may drop it; nothing may change it.
+        let mut model: HashMap<u8, Bytes> = HashMap::new();
+        let mut version = 0u32;
+        rt.block_on(async {
+            for op in ops {
+                match op {
+                    Op::Fill { key: k, len, chunk } => {
+                        version += 1;
+                        let b = body(k, version, len);
+                        fill(store, k, &b, chunk, true).await;
+                        model.insert(k, b);
+                    }
+                    Op::AbandonedFill { key: k, len } => {
+                        version += 1;
+                        fill(store, k, &body(k, version, len), 512, false).await;
+                    }
+                    Op::Lookup { key: k } => {
+                        if let Some((_, mut hit)) = store.lookup(&key(k), &span).await.expect("lookup") {
+                            let got = read_all(&mut hit).await.expect("complete hit reads");
+                            let want = model.get(&k);
+                            prop_assert_eq!(Some(&got), want, "key {} returned a body never stored last", k);
+                        }
+                    }
+                    Op::Purge { key: k } => {
+                        let compact = key(k).to_compact();
+                        store.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, &span).await.expect("purge");
+                        model.remove(&k);
+                        prop_assert!(store.lookup(&key(k), &span).await.expect("lookup").is_none());
+                    }
+                    Op::UpdateMeta { key: k } => {
+                        let updated = store.update_meta(&key(k), &meta(Duration::from_secs(30)), &span).await.expect("update_meta");
+                        if !updated {
+                            // Missing entries are reported, never a panic; the model agrees
+                            // unless moka evicted the entry.
+                            prop_assert!(store.lookup(&key(k), &span).await.expect("lookup").is_none());
+                        }
+                    }
+                }
+                let usage = store.usage();
+                prop_assert!(usage.bytes <= capacity, "{} bytes stored, capacity {}", usage.bytes, capacity);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn abandoned_fill_is_an_error_for_streaming_readers() {
+    let store = Store::leaked(1 << 20);
+    rt().block_on(async {
+        let span = SpanHandle::default();
+        let mut miss = store
+            .get_miss_handler(&key(1), &meta(Duration::from_secs(60)), &span)
+            .await
+            .expect("miss handler");
+        miss.write_body(Bytes::from_static(b"half of it"), false)
+            .await
+            .expect("write");
+        let (_, mut reader) = store
+            .lookup(&key(1), &span)
+            .await
+            .expect("lookup")
+            .expect("the fill in progress is visible");
+        assert_eq!(
+            reader.read_body().await.expect("first chunk"),
+            Some(Bytes::from_static(b"half of it"))
+        );
+        drop(miss);
+        assert!(
+            reader.read_body().await.is_err(),
+            "an abandoned fill must not end like a complete body"
+        );
+        assert!(store.lookup(&key(1), &span).await.expect("lookup").is_none());
+    });
+}
+
+#[test]
+fn streaming_reader_sees_the_whole_fill() {
+    let store = Store::leaked(1 << 20);
+    rt().block_on(async {
+        let span = SpanHandle::default();
+        let mut miss = store
+            .get_miss_handler(&key(2), &meta(Duration::from_secs(60)), &span)
+            .await
+            .expect("miss handler");
+        miss.write_body(Bytes::from_static(b"abc"), false)
+            .await
+            .expect("write");
+        let (_, mut reader) = store
+            .lookup(&key(2), &span)
+            .await
+            .expect("lookup")
+            .expect("visible");
+        miss.write_body(Bytes::from_static(b"def"), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        assert_eq!(read_all(&mut reader).await.expect("complete"), "abcdef");
+        let (_, mut hit) = store
+            .lookup(&key(2), &span)
+            .await
+            .expect("lookup")
+            .expect("stored");
+        assert!(hit.can_seek());
+        hit.seek(2, Some(4)).expect("seek");
+        assert_eq!(read_all(&mut hit).await.expect("range"), "cd");
+        assert!(hit.seek(6, None).is_err(), "seek past the end is refused");
+    });
+}
+
+#[test]
+fn purge_primary_removes_every_variant() {
+    let store = Store::leaked(1 << 20);
+    rt().block_on(async {
+        let span = SpanHandle::default();
+        let mut variants = Vec::new();
+        for v in 0u8..3 {
+            let mut k = key(3);
+            k.set_variance_key([v; 16]);
+            let mut miss = store
+                .get_miss_handler(&k, &meta(Duration::from_secs(60)), &span)
+                .await
+                .expect("miss handler");
+            miss.write_body(Bytes::from(vec![v; 10]), true)
+                .await
+                .expect("write");
+            miss.finish().await.expect("finish");
+            variants.push(k);
+        }
+        assert!(store.purge_primary(key(3).primary_bin()));
+        for k in &variants {
+            assert!(store.lookup(k, &span).await.expect("lookup").is_none());
+        }
+        assert!(!store.purge_primary(key(3).primary_bin()));
+    });
+}
+
+#[test]
+fn update_meta_on_a_missing_entry_is_false_not_a_panic() {
+    let store = Store::leaked(1 << 20);
+    rt().block_on(async {
+        let span = SpanHandle::default();
+        let updated = store
+            .update_meta(&key(9), &meta(Duration::from_secs(1)), &span)
+            .await
+            .expect("update_meta");
+        assert!(!updated);
+    });
+}
