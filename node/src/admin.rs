@@ -78,10 +78,18 @@ impl Admin {
             .and_then(|v| v.get("url").and_then(|u| u.as_str()).map(str::to_string))
         {
             Some(url) => url,
-            None => return error(StatusCode::BAD_REQUEST, "body must be {\"url\": \"http://host/path\"}"),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body must be {\"url\": \"http://host/path\"}",
+                )
+            }
         };
         let Some((host, path)) = split_url(&url) else {
-            return error(StatusCode::BAD_REQUEST, "url must be absolute: http://host/path");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "url must be absolute: http://host/path",
+            );
         };
         let primary = policy::cache_key(&host, &path).primary_bin();
         let purged = self.store.purge_primary(primary);

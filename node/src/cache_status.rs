@@ -28,7 +28,10 @@ pub struct CacheOutcome {
 /// The entry for a proxied or cached response.
 pub fn entry(node: &str, o: &CacheOutcome) -> String {
     let mut s = String::from(node);
-    let stored = matches!(o.phase, CachePhase::Miss | CachePhase::Expired | CachePhase::Revalidated);
+    let stored = matches!(
+        o.phase,
+        CachePhase::Miss | CachePhase::Expired | CachePhase::Revalidated
+    );
     match o.phase {
         CachePhase::Hit if o.collapsed => s.push_str("; fwd=uri-miss; collapsed"),
         CachePhase::Hit => s.push_str("; hit"),
@@ -129,14 +132,20 @@ mod tests {
         );
         let mut collapsed = o(CachePhase::Hit);
         collapsed.collapsed = true;
-        assert_eq!(entry("e", &collapsed), "e; fwd=uri-miss; collapsed; ttl=297");
+        assert_eq!(
+            entry("e", &collapsed),
+            "e; fwd=uri-miss; collapsed; ttl=297"
+        );
         let mut post = o(CachePhase::Disabled(NoCacheReason::NeverEnabled));
         post.method_cacheable = false;
         post.ttl = None;
         assert_eq!(entry("e", &post), "e; fwd=method; fwd-status=200");
         let mut nostore = o(CachePhase::Disabled(NoCacheReason::OriginNotCache));
         nostore.ttl = None;
-        assert_eq!(entry("e", &nostore), "e; fwd=uri-miss; fwd-status=200; detail=uncacheable");
+        assert_eq!(
+            entry("e", &nostore),
+            "e; fwd=uri-miss; fwd-status=200; detail=uncacheable"
+        );
         assert_eq!(
             generated("e", Generated::UnknownHost),
             "e; fwd=request; detail=unknown-host"

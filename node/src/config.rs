@@ -238,7 +238,11 @@ struct Section<'a> {
 }
 
 impl<'a> Section<'a> {
-    fn new(prefix: impl Into<String>, table: Option<&'a Table>, problems: &'a mut Vec<Problem>) -> Self {
+    fn new(
+        prefix: impl Into<String>,
+        table: Option<&'a Table>,
+        problems: &'a mut Vec<Problem>,
+    ) -> Self {
         Section {
             prefix: prefix.into(),
             table,
@@ -272,7 +276,10 @@ impl<'a> Section<'a> {
         match self.raw(name)? {
             Value::String(s) => Some(s.clone()),
             other => {
-                self.problem(name, format!("must be a string, found {}", other.type_str()));
+                self.problem(
+                    name,
+                    format!("must be a string, found {}", other.type_str()),
+                );
                 None
             }
         }
@@ -345,7 +352,8 @@ impl<'a> Section<'a> {
             Some(Value::String(s)) => match parse_size(s) {
                 Some(n) if n > 0 => n,
                 _ => {
-                    let msg = format!("must be a size like \"64MiB\" (B, KiB, MiB, GiB), found {s:?}");
+                    let msg =
+                        format!("must be a size like \"64MiB\" (B, KiB, MiB, GiB), found {s:?}");
                     self.problem(name, msg);
                     default
                 }
@@ -364,7 +372,8 @@ impl<'a> Section<'a> {
             Some(Value::String(s)) => match parse_duration(s) {
                 Some(d) if !d.is_zero() => d,
                 _ => {
-                    let msg = format!("must be a duration like \"500ms\", \"2s\" or \"1m\", found {s:?}");
+                    let msg =
+                        format!("must be a duration like \"500ms\", \"2s\" or \"1m\", found {s:?}");
                     self.problem(name, msg);
                     default
                 }
@@ -590,8 +599,7 @@ fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfi
     if let Some(n) = &name {
         let ok = !n.is_empty()
             && n.len() <= 64
-            && n
-                .chars()
+            && n.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !ok {
             s.problem(
@@ -665,7 +673,10 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
                     bytes
                 }
                 Err(e) => {
-                    s.problem("secret_file", format!("cannot read {}: {e}", path.display()));
+                    s.problem(
+                        "secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
                     Vec::new()
                 }
             }
@@ -678,7 +689,10 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     if !secret.is_empty() && secret.len() < MIN_SECRET_LEN {
         s.problem(
             "secret",
-            format!("must be at least {MIN_SECRET_LEN} bytes, found {}", secret.len()),
+            format!(
+                "must be at least {MIN_SECRET_LEN} bytes, found {}",
+                secret.len()
+            ),
         );
     }
     let mut upper = Vec::new();
@@ -687,9 +701,10 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 match read_member(item) {
-                    Ok(m) if upper.iter().any(|u: &UpperMember| u.addr == m.addr) => {
-                        s.problem(&format!("upper[{i}]"), format!("{} is listed twice", m.addr))
-                    }
+                    Ok(m) if upper.iter().any(|u: &UpperMember| u.addr == m.addr) => s.problem(
+                        &format!("upper[{i}]"),
+                        format!("{} is listed twice", m.addr),
+                    ),
                     Ok(m) => upper.push(m),
                     Err(msg) => s.problem(&format!("upper[{i}]"), msg),
                 }
@@ -710,8 +725,12 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     };
     let connect_timeout = s.duration("connect_timeout", DEFAULT_TIER_CONNECT);
     let read_timeout = s.duration("read_timeout", DEFAULT_TIER_READ);
-    let failure_threshold =
-        s.integer("failure_threshold", 1, 1000, DEFAULT_FAILURE_THRESHOLD as i64) as u32;
+    let failure_threshold = s.integer(
+        "failure_threshold",
+        1,
+        1000,
+        DEFAULT_FAILURE_THRESHOLD as i64,
+    ) as u32;
     let probe_interval = s.duration("probe_interval", DEFAULT_PROBE_INTERVAL);
     s.finish();
     TierConfig {
@@ -783,7 +802,10 @@ fn read_origins(v: Option<&Value>, problems: &mut Vec<Problem>) -> Vec<OriginCon
         let host = s.required_string("host").and_then(|h| {
             let normalized = normalize_host(&h).filter(|n| n == &h.to_ascii_lowercase());
             if normalized.is_none() {
-                s.problem("host", format!("must be a host name without port, found {h:?}"));
+                s.problem(
+                    "host",
+                    format!("must be a host name without port, found {h:?}"),
+                );
             }
             normalized
         });
@@ -798,7 +820,10 @@ fn read_origins(v: Option<&Value>, problems: &mut Vec<Problem>) -> Vec<OriginCon
                 None => false,
             };
             if !ok {
-                s.problem("address", format!("must be IP:port or name:port, found {a:?}"));
+                s.problem(
+                    "address",
+                    format!("must be IP:port or name:port, found {a:?}"),
+                );
             }
             ok.then_some(a)
         });
@@ -824,12 +849,18 @@ fn read_tracing(t: Option<&Table>, problems: &mut Vec<Problem>) -> TracingConfig
     let otlp_endpoint = s.string("otlp_endpoint");
     if let Some(e) = &otlp_endpoint {
         if !(e.starts_with("http://") || e.starts_with("https://")) {
-            s.problem("otlp_endpoint", format!("must be an http(s):// URL, found {e:?}"));
+            s.problem(
+                "otlp_endpoint",
+                format!("must be an http(s):// URL, found {e:?}"),
+            );
         }
     }
     let sample_ratio = s.float("sample_ratio", 1.0);
     if !(0.0..=1.0).contains(&sample_ratio) {
-        s.problem("sample_ratio", format!("must be between 0 and 1, found {sample_ratio}"));
+        s.problem(
+            "sample_ratio",
+            format!("must be between 0 and 1, found {sample_ratio}"),
+        );
     }
     s.finish();
     TracingConfig {

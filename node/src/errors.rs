@@ -81,9 +81,8 @@ impl Generated {
                     ReadTimedout | WriteTimedout => Generated::GatewayTimeout("read-timeout"),
                     ConnectRefused => Generated::BadGateway("connection-refused"),
                     ConnectNoRoute => Generated::BadGateway("no-route"),
-                    ConnectionClosed | ConnectError | ReadError | WriteError | TLSHandshakeFailure => {
-                        Generated::BadGateway("connection-reset")
-                    }
+                    ConnectionClosed | ConnectError | ReadError | WriteError
+                    | TLSHandshakeFailure => Generated::BadGateway("connection-reset"),
                     InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => {
                         Generated::BadGateway("invalid-response")
                     }
@@ -110,9 +109,15 @@ mod tests {
             Some(Generated::BadGateway("connection-refused"))
         );
         let dns = Error::new_up(ErrorType::Custom(DNS_FAILED));
-        assert_eq!(Generated::from_proxy_error(&dns).map(|g| g.detail()), Some("dns-failed"));
+        assert_eq!(
+            Generated::from_proxy_error(&dns).map(|g| g.detail()),
+            Some("dns-failed")
+        );
         let slow = Error::new_up(ErrorType::ReadTimedout);
-        assert_eq!(Generated::from_proxy_error(&slow).map(|g| g.status()), Some(504));
+        assert_eq!(
+            Generated::from_proxy_error(&slow).map(|g| g.status()),
+            Some(504)
+        );
         let gone = Error::new_down(ErrorType::WriteError);
         assert_eq!(Generated::from_proxy_error(&gone), None);
     }

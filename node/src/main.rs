@@ -13,7 +13,11 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_RUNTIME: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "stratus", version, about = "A tiered-cache CDN node on Pingora")]
+#[command(
+    name = "stratus",
+    version,
+    about = "A tiered-cache CDN node on Pingora"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +45,7 @@ enum Command {
     },
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         for line in e.lines() {
             eprintln!("{line}");

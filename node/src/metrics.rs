@@ -27,7 +27,10 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("stratus_requests_total", "Client requests by cache outcome and status code"),
+            Opts::new(
+                "stratus_requests_total",
+                "Client requests by cache outcome and status code",
+            ),
             &["cache", "code"],
         )?;
         let origin_requests = IntCounter::new(
@@ -35,7 +38,10 @@ impl Metrics {
             "Requests this node sent to an origin",
         )?;
         let upper_requests = IntCounterVec::new(
-            Opts::new("stratus_upper_requests_total", "Requests sent to upper-tier nodes by outcome"),
+            Opts::new(
+                "stratus_upper_requests_total",
+                "Requests sent to upper-tier nodes by outcome",
+            ),
             &["upper", "outcome"],
         )?;
         let spans_dropped = IntCounter::new(

@@ -11,8 +11,8 @@ use http::header;
 use pingora_cache::cache_control::CacheControl;
 use pingora_cache::filters::resp_cacheable;
 use pingora_cache::key::HashBinary;
-use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
 use pingora_cache::VarianceBuilder;
+use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 /// No heuristic freshness: a response without explicit freshness (`max-age`, `s-maxage`,
@@ -150,8 +150,8 @@ mod tests {
     fn ttl(c: &RespCacheable, now: SystemTime) -> Option<i64> {
         match c {
             RespCacheable::Cacheable(m) => Some(match m.fresh_until().duration_since(now) {
-                Ok(d) => d.as_secs() as i64,
-                Err(e) => -(e.duration().as_secs() as i64),
+                Ok(d) => d.as_secs_f64().round() as i64,
+                Err(e) => -(e.duration().as_secs_f64().round() as i64),
             }),
             RespCacheable::Uncacheable(_) => None,
         }
@@ -167,33 +167,115 @@ mod tests {
     fn storable_and_not() {
         let now = SystemTime::now();
         let r = req();
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now), now), Some(60));
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "no-store, max-age=60")]), now), now), None);
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "private, max-age=60")]), now), now), None);
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[]), now), now), None, "no heuristic freshness");
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60"), ("vary", "*")]), now), now), None);
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), now), now), None);
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "public, max-age=60"), ("set-cookie", "a=b")]), now), now), Some(60));
+        assert_eq!(
+            ttl(
+                &response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now),
+                now
+            ),
+            Some(60)
+        );
+        assert_eq!(
+            ttl(
+                &response_cacheability(
+                    &r,
+                    &resp(&[("cache-control", "no-store, max-age=60")]),
+                    now
+                ),
+                now
+            ),
+            None
+        );
+        assert_eq!(
+            ttl(
+                &response_cacheability(&r, &resp(&[("cache-control", "private, max-age=60")]), now),
+                now
+            ),
+            None
+        );
+        assert_eq!(
+            ttl(&response_cacheability(&r, &resp(&[]), now), now),
+            None,
+            "no heuristic freshness"
+        );
+        assert_eq!(
+            ttl(
+                &response_cacheability(
+                    &r,
+                    &resp(&[("cache-control", "max-age=60"), ("vary", "*")]),
+                    now
+                ),
+                now
+            ),
+            None
+        );
+        assert_eq!(
+            ttl(
+                &response_cacheability(
+                    &r,
+                    &resp(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]),
+                    now
+                ),
+                now
+            ),
+            None
+        );
+        assert_eq!(
+            ttl(
+                &response_cacheability(
+                    &r,
+                    &resp(&[
+                        ("cache-control", "public, max-age=60"),
+                        ("set-cookie", "a=b")
+                    ]),
+                    now
+                ),
+                now
+            ),
+            Some(60)
+        );
     }
 
     #[test]
     fn authorization_needs_explicit_permission() {
         let now = SystemTime::now();
         let mut r = req();
-        r.insert_header("authorization", "Bearer x").expect("header");
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now), now), None);
-        assert_eq!(ttl(&response_cacheability(&r, &resp(&[("cache-control", "s-maxage=60")]), now), now), Some(60));
+        r.insert_header("authorization", "Bearer x")
+            .expect("header");
+        assert_eq!(
+            ttl(
+                &response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now),
+                now
+            ),
+            None
+        );
+        assert_eq!(
+            ttl(
+                &response_cacheability(&r, &resp(&[("cache-control", "s-maxage=60")]), now),
+                now
+            ),
+            Some(60)
+        );
     }
 
     #[test]
     fn upstream_age_reduces_freshness_and_is_not_stored() {
         let now = SystemTime::now();
-        let c = response_cacheability(&req(), &resp(&[("cache-control", "max-age=60"), ("age", "45")]), now);
+        let c = response_cacheability(
+            &req(),
+            &resp(&[("cache-control", "max-age=60"), ("age", "45")]),
+            now,
+        );
         assert_eq!(ttl(&c, now), Some(15));
-        let RespCacheable::Cacheable(meta) = c else { panic!("cacheable") };
+        let RespCacheable::Cacheable(meta) = c else {
+            panic!("cacheable")
+        };
         assert!(meta.response_header().headers.get("age").is_none());
         assert!(meta.age() >= Duration::from_secs(45));
-        let stale = response_cacheability(&req(), &resp(&[("cache-control", "max-age=10"), ("age", "20")]), now);
+        let stale = response_cacheability(
+            &req(),
+            &resp(&[("cache-control", "max-age=10"), ("age", "20")]),
+            now,
+        );
         assert_eq!(ttl(&stale, now), Some(-10));
         assert_eq!(upstream_age(&resp(&[("age", "1"), ("age", "2")])), None);
         assert_eq!(upstream_age(&resp(&[("age", "-1")])), None);
@@ -210,7 +292,8 @@ mod tests {
             panic!("cacheable")
         };
         let mut gzip = req();
-        gzip.insert_header("accept-encoding", "gzip").expect("header");
+        gzip.insert_header("accept-encoding", "gzip")
+            .expect("header");
         let mut br = req();
         br.insert_header("accept-encoding", "br").expect("header");
         assert_ne!(variance(&meta, &gzip), variance(&meta, &br));

@@ -118,7 +118,9 @@ impl Proxy {
             session.set_keepalive(None);
         }
         let head_only = session.req_header().method == http::Method::HEAD;
-        session.write_response_header(Box::new(h), head_only).await?;
+        session
+            .write_response_header(Box::new(h), head_only)
+            .await?;
         if !head_only {
             session.write_response_body(Some(body), true).await?;
         }
@@ -128,7 +130,10 @@ impl Proxy {
     fn outcome(&self, session: &Session, ctx: &Ctx) -> CacheOutcome {
         let now = SystemTime::now();
         let meta: Option<&CacheMeta> = match session.cache.phase() {
-            CachePhase::Disabled(_) | CachePhase::Bypass | CachePhase::Uninit | CachePhase::CacheKey => None,
+            CachePhase::Disabled(_)
+            | CachePhase::Bypass
+            | CachePhase::Uninit
+            | CachePhase::CacheKey => None,
             _ => session.cache.maybe_cache_meta(),
         };
         let ttl = meta.map(|m| match m.fresh_until().duration_since(now) {
@@ -269,7 +274,10 @@ impl ProxyHttp for Proxy {
     }
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
-        let r = ctx.request.as_ref().ok_or_else(|| internal("cache key without context"))?;
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("cache key without context"))?;
         Ok(policy::cache_key(&r.host, &r.path_and_query))
     }
 
@@ -308,7 +316,10 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let r = ctx.request.as_ref().ok_or_else(|| internal("upstream without context"))?;
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("upstream without context"))?;
         let origin = self
             .config
             .origins
@@ -360,7 +371,9 @@ impl ProxyHttp for Proxy {
             .filter_map(|v| v.to_str().ok().map(str::to_string))
             .collect();
         let joined = cache_status::append(
-            (!existing.is_empty()).then(|| existing.join(", ")).as_deref(),
+            (!existing.is_empty())
+                .then(|| existing.join(", "))
+                .as_deref(),
             &ours,
         );
         resp.insert_header("cache-status", joined)?;
@@ -387,9 +400,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let code = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let code = session.response_written().map_or(0, |r| r.status.as_u16());
         let cache = match (ctx.progress.generated, session.cache.phase()) {
             (Some(_), _) => "generated",
             (None, phase) => phase.as_str(),
@@ -437,22 +448,49 @@ address = "127.0.0.1:3"
     fn admission() {
         let c = config();
         let ok = admit(&c, &req(&[("host", "Example.test:8080")]), 1).expect("admitted");
-        assert_eq!((ok.host.as_str(), ok.origin, ok.path_and_query.as_str()), ("example.test", 0, "/a?b=1"));
-        assert_eq!(admit(&c, &req(&[("host", "other.test")]), 1).err(), Some(Generated::UnknownHost));
-        assert_eq!(admit(&c, &req(&[]), 1).err(), Some(Generated::BadRequest("missing-host")));
         assert_eq!(
-            admit(&c, &req(&[("host", "example.test"), ("host", "example.test")]), 1).err(),
+            (ok.host.as_str(), ok.origin, ok.path_and_query.as_str()),
+            ("example.test", 0, "/a?b=1")
+        );
+        assert_eq!(
+            admit(&c, &req(&[("host", "other.test")]), 1).err(),
+            Some(Generated::UnknownHost)
+        );
+        assert_eq!(
+            admit(&c, &req(&[]), 1).err(),
+            Some(Generated::BadRequest("missing-host"))
+        );
+        assert_eq!(
+            admit(
+                &c,
+                &req(&[("host", "example.test"), ("host", "example.test")]),
+                1
+            )
+            .err(),
             Some(Generated::BadRequest("duplicate-host"))
         );
-        assert_eq!(admit(&c, &req(&[("host", "bad host")]), 1).err(), Some(Generated::BadRequest("bad-host")));
+        assert_eq!(
+            admit(&c, &req(&[("host", "bad host")]), 1).err(),
+            Some(Generated::BadRequest("bad-host"))
+        );
         let big = "x".repeat(2000);
         assert_eq!(
-            admit(&c, &req(&[("host", "example.test"), ("cookie", big.as_str())]), 1).err(),
+            admit(
+                &c,
+                &req(&[("host", "example.test"), ("cookie", big.as_str())]),
+                1
+            )
+            .err(),
             Some(Generated::HeadersTooLarge)
         );
-        let looped = vec!["stratus"; MAX_STRATUS_HOPS].join(", ");
+        let looped = ["stratus"; MAX_STRATUS_HOPS].join(", ");
         assert_eq!(
-            admit(&c, &req(&[("host", "example.test"), ("cdn-loop", looped.as_str())]), 1).err(),
+            admit(
+                &c,
+                &req(&[("host", "example.test"), ("cdn-loop", looped.as_str())]),
+                1
+            )
+            .err(),
             Some(Generated::LoopDetected)
         );
     }

@@ -29,9 +29,10 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
         threads: config.node.threads,
         grace_period_seconds: Some(config.node.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        upgrade_sock: opts.upgrade_sock.clone().unwrap_or_else(|| {
-            format!("/tmp/stratus-{}-upgrade.sock", config.node.name)
-        }),
+        upgrade_sock: opts
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| format!("/tmp/stratus-{}-upgrade.sock", config.node.name)),
         pid_file: format!("/tmp/stratus-{}.pid", config.node.name),
         ..ServerConf::default()
     };

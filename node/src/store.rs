@@ -134,14 +134,29 @@ fn remaining(until: SystemTime) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-/// The last moment any request may use an object with this metadata.
+/// How long a stale object with a validator (`ETag` / `Last-Modified`) is kept after it was
+/// stored, so it can be revalidated with a cheap 304 instead of refetched (nginx's
+/// `proxy_cache_path … inactive=10m` habit). Capacity eviction still applies.
+const REVALIDATION_RETENTION: Duration = Duration::from_secs(600);
+
+/// The last moment any request may use an object with this metadata: the end of its stale
+/// windows, or later if it can still be revalidated.
 fn keep_until(meta: &CacheMeta) -> SystemTime {
     let stale = meta
         .stale_while_revalidate_sec()
         .max(meta.stale_if_error_sec());
-    meta.fresh_until()
+    let usable = meta
+        .fresh_until()
         .checked_add(Duration::from_secs(u64::from(stale)) + EXPIRY_GRACE)
-        .unwrap_or(meta.fresh_until())
+        .unwrap_or(meta.fresh_until());
+    let headers = meta.headers();
+    let revalidatable = headers.contains_key(http::header::ETAG)
+        || headers.contains_key(http::header::LAST_MODIFIED);
+    if revalidatable {
+        usable.max(SystemTime::now() + REVALIDATION_RETENTION)
+    } else {
+        usable
+    }
 }
 
 fn storage_error(context: &'static str, detail: String) -> Box<Error> {
@@ -188,8 +203,8 @@ impl Store {
     /// Returns whether anything was removed.
     pub fn purge_primary(&self, primary: HashBinary) -> bool {
         let filling = self.fills.lock().remove(&primary).is_some();
-        let stored = self.done.contains_key(&primary)
-            || self.done.iter().any(|(_, v)| v.primary == primary);
+        let stored =
+            self.done.contains_key(&primary) || self.done.iter().any(|(_, v)| v.primary == primary);
         // Invalidation closures apply to reads at once and are reaped in the background.
         // The closure cannot fail to register here: the builder enabled them.
         let _ = self

@@ -30,7 +30,8 @@ fn a_good_config_parses_with_defaults() {
     assert_eq!(c.node.threads, DEFAULT_THREADS);
     assert!(c.tier.is_none());
     assert_eq!(
-        c.origin_for("EXAMPLE.test:8080").map(|o| o.address.as_str()),
+        c.origin_for("EXAMPLE.test:8080")
+            .map(|o| o.address.as_str()),
         Some("127.0.0.1:9000")
     );
     assert!(c.origin_for("other.test").is_none());
@@ -106,7 +107,10 @@ fn sizes_and_durations() {
 
 #[test]
 fn hosts_normalise() {
-    assert_eq!(normalize_host("Example.TEST:8080").as_deref(), Some("example.test"));
+    assert_eq!(
+        normalize_host("Example.TEST:8080").as_deref(),
+        Some("example.test")
+    );
     assert_eq!(normalize_host("[::1]:80").as_deref(), Some("::1"));
     assert_eq!(normalize_host("bad host"), None);
     assert_eq!(normalize_host(""), None);

@@ -18,7 +18,13 @@ fn key(k: u8) -> CacheKey {
 /// A body that names its key and version, so a wrong body is recognisable.
 fn body(k: u8, version: u32, len: usize) -> Bytes {
     let stamp = format!("[{k}:{version}]");
-    Bytes::from(stamp.bytes().cycle().take(len.max(stamp.len())).collect::<Vec<u8>>())
+    Bytes::from(
+        stamp
+            .bytes()
+            .cycle()
+            .take(len.max(stamp.len()))
+            .collect::<Vec<u8>>(),
+    )
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -37,7 +43,7 @@ async fn read_all(hit: &mut HitHandler) -> Result<Bytes> {
 }
 
 async fn fill(store: &'static Store, k: u8, b: &Bytes, chunk: usize, finish: bool) {
-    let span = SpanHandle::default();
+    let span = pingora_cache::trace::Span::inactive().handle();
     let mut miss = store
         .get_miss_handler(&key(k), &meta(Duration::from_secs(600)), &span)
         .await
@@ -85,7 +91,7 @@ proptest! {
         let capacity = 16 * 1024;
         let store = Store::leaked(capacity);
         let rt = rt();
-        let span = SpanHandle::default();
+        let span = pingora_cache::trace::Span::inactive().handle();
         // The model: the last committed body per key. Eviction may drop it; nothing may change it.
         let mut model: HashMap<u8, Bytes> = HashMap::new();
         let mut version = 0u32;
@@ -136,7 +142,7 @@ proptest! {
 fn abandoned_fill_is_an_error_for_streaming_readers() {
     let store = Store::leaked(1 << 20);
     rt().block_on(async {
-        let span = SpanHandle::default();
+        let span = pingora_cache::trace::Span::inactive().handle();
         let mut miss = store
             .get_miss_handler(&key(1), &meta(Duration::from_secs(60)), &span)
             .await
@@ -158,7 +164,11 @@ fn abandoned_fill_is_an_error_for_streaming_readers() {
             reader.read_body().await.is_err(),
             "an abandoned fill must not end like a complete body"
         );
-        assert!(store.lookup(&key(1), &span).await.expect("lookup").is_none());
+        assert!(store
+            .lookup(&key(1), &span)
+            .await
+            .expect("lookup")
+            .is_none());
     });
 }
 
@@ -166,7 +176,7 @@ fn abandoned_fill_is_an_error_for_streaming_readers() {
 fn streaming_reader_sees_the_whole_fill() {
     let store = Store::leaked(1 << 20);
     rt().block_on(async {
-        let span = SpanHandle::default();
+        let span = pingora_cache::trace::Span::inactive().handle();
         let mut miss = store
             .get_miss_handler(&key(2), &meta(Duration::from_secs(60)), &span)
             .await
@@ -200,7 +210,7 @@ fn streaming_reader_sees_the_whole_fill() {
 fn purge_primary_removes_every_variant() {
     let store = Store::leaked(1 << 20);
     rt().block_on(async {
-        let span = SpanHandle::default();
+        let span = pingora_cache::trace::Span::inactive().handle();
         let mut variants = Vec::new();
         for v in 0u8..3 {
             let mut k = key(3);
@@ -227,7 +237,7 @@ fn purge_primary_removes_every_variant() {
 fn update_meta_on_a_missing_entry_is_false_not_a_panic() {
     let store = Store::leaked(1 << 20);
     rt().block_on(async {
-        let span = SpanHandle::default();
+        let span = pingora_cache::trace::Span::inactive().handle();
         let updated = store
             .update_meta(&key(9), &meta(Duration::from_secs(1)), &span)
             .await
