@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod cache_status;
 pub mod config;
+pub mod demo;
 pub mod errors;
 pub mod metrics;
 pub mod policy;

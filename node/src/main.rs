@@ -43,6 +43,29 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The whole system on this machine: a demo origin and a fleet of nodes.
+    Demo {
+        /// The demo uses ports N to N+19.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// Send spans to this OTLP/HTTP collector instead of the local one.
+        #[arg(long)]
+        otlp: Option<String>,
+    },
+    /// Only the demo origin (host demo.test), for load benchmarks.
+    #[command(hide = true)]
+    DemoOrigin {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -68,6 +91,35 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Demo { base_port, otlp } => {
+            let opts = stratus_node::demo::DemoOptions { base_port, otlp };
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(stratus_node::demo::run(opts)))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stratus demo: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        Command::DemoOrigin { listen } => {
+            let served = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(async {
+                    let l = tokio::net::TcpListener::bind(listen).await?;
+                    stratus_node::demo::serve_origin(l).await;
+                    Ok(())
+                })
+            });
+            match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stratus demo-origin: {listen}: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::Run {
             config,
             upgrade,

@@ -1,0 +1,305 @@
+//! `stratus demo`: the system on one machine in one command, and the built-in demo origin.
+//!
+//! The demo starts a demo origin in this process and every node as a real child process of
+//! this same binary (`stratus run --config …`), so what you poke at is what operators run.
+//! Ctrl-C (or SIGTERM) sends SIGTERM to every node, waits for them, and exits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The host the demo origin serves.
+pub const DEMO_HOST: &str = "demo.test";
+/// Lower-tier nodes in the demo fleet.
+const LOWER_NODES: u16 = 3;
+/// How long a node may take to come up.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// Upper bound on a request head the demo origin reads.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Options of `stratus demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// First of the 20 ports the demo uses.
+    pub base_port: u16,
+    /// Send spans to this OTLP/HTTP collector instead of the local one.
+    pub otlp: Option<String>,
+}
+
+/// One demo route: path → (status, headers, body).
+fn demo_response(path: &str) -> (u16, Vec<(&'static str, String)>, Vec<u8>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match path {
+        "/" => (
+            200,
+            vec![
+                ("cache-control", "max-age=60".into()),
+                ("content-type", "text/plain".into()),
+            ],
+            b"stratus demo origin: try /hello, /time, /nocache, /big, /vary\n".to_vec(),
+        ),
+        "/hello" => (
+            200,
+            vec![
+                ("cache-control", "max-age=300".into()),
+                ("etag", "\"hello-v1\"".into()),
+                ("content-type", "text/plain".into()),
+            ],
+            b"hello from the origin\n".to_vec(),
+        ),
+        "/time" => (
+            200,
+            vec![
+                (
+                    "cache-control",
+                    "max-age=5, stale-while-revalidate=30, stale-if-error=300".into(),
+                ),
+                ("content-type", "text/plain".into()),
+            ],
+            format!("origin time {now}\n").into_bytes(),
+        ),
+        "/nocache" => (
+            200,
+            vec![
+                ("cache-control", "no-store".into()),
+                ("content-type", "text/plain".into()),
+            ],
+            format!("never cached, generated at {now}\n").into_bytes(),
+        ),
+        "/big" => (
+            200,
+            vec![
+                ("cache-control", "max-age=600".into()),
+                ("content-type", "application/octet-stream".into()),
+            ],
+            vec![b'x'; 1024 * 1024],
+        ),
+        "/vary" => (
+            200,
+            vec![
+                ("cache-control", "max-age=60".into()),
+                ("vary", "Accept-Language".into()),
+                ("content-type", "text/plain".into()),
+            ],
+            b"varies by Accept-Language\n".to_vec(),
+        ),
+        _ => (
+            404,
+            vec![("content-type", "text/plain".into())],
+            b"not found\n".to_vec(),
+        ),
+    }
+}
+
+/// Serves the demo origin on `listener` until the task is dropped.
+pub async fn serve_origin(listener: TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(origin_connection(stream));
+    }
+}
+
+async fn origin_connection(mut stream: TcpStream) {
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        let (path, is_head, consumed) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let path = req
+                        .path
+                        .unwrap_or("/")
+                        .split('?')
+                        .next()
+                        .unwrap_or("/")
+                        .to_string();
+                    break (path, req.method == Some("HEAD"), n);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                    let mut chunk = [0u8; 2048];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                _ => return, // malformed or oversized: drop the connection
+            }
+        };
+        buf.drain(..consumed);
+        let (status, headers, body) = demo_response(&path);
+        let mut head = format!(
+            "HTTP/1.1 {status} {}\r\n",
+            if status == 200 { "OK" } else { "Not Found" }
+        );
+        for (k, v) in &headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        if !is_head && stream.write_all(&body).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A node the demo started.
+struct DemoNode {
+    name: String,
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn node_config(name: &str, listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> String {
+    format!(
+        "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
+         [cache]\ncapacity = \"64MiB\"\nmax_object_size = \"8MiB\"\n\n\
+         [[origin]]\nhost = \"{DEMO_HOST}\"\naddress = \"{origin}\"\n"
+    )
+}
+
+fn spawn_node(
+    exe: &Path,
+    dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    origin: SocketAddr,
+) -> anyhow::Result<DemoNode> {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, node_config(name, listen, admin, origin))?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--upgrade-sock")
+        .arg(dir.join(format!("{name}.sock")))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(DemoNode {
+        name: name.to_string(),
+        child,
+        listen,
+        admin,
+    })
+}
+
+async fn wait_healthy(node: &mut DemoNode, dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_DEADLINE;
+    while Instant::now() < deadline {
+        if let Some(status) = node.child.try_wait()? {
+            let log =
+                std::fs::read_to_string(dir.join(format!("{}.log", node.name))).unwrap_or_default();
+            anyhow::bail!("{} exited with {status}:\n{log}", node.name);
+        }
+        if let Ok(mut s) = TcpStream::connect(node.admin).await {
+            let probe = b"GET /healthz HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n";
+            let mut answer = Vec::new();
+            if s.write_all(probe).await.is_ok()
+                && s.read_to_end(&mut answer).await.is_ok()
+                && answer.starts_with(b"HTTP/1.1 200")
+            {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!(
+        "{} did not become healthy within {START_DEADLINE:?}",
+        node.name
+    )
+}
+
+fn terminate(nodes: &mut [DemoNode]) {
+    for n in nodes.iter() {
+        if let Ok(pid) = i32::try_from(n.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    for n in nodes.iter_mut() {
+        let _ = n.child.wait();
+    }
+}
+
+/// Runs the demo until Ctrl-C or SIGTERM.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let base = opts.base_port;
+    anyhow::ensure!(
+        base <= u16::MAX - 20,
+        "--base-port must leave room for 20 ports"
+    );
+    let at = |offset: u16| SocketAddr::from(([127, 0, 0, 1], base + offset));
+    let exe: PathBuf = std::env::current_exe().context("locating the stratus binary")?;
+    let dir = std::env::temp_dir().join(format!("stratus-demo-{base}"));
+    std::fs::create_dir_all(&dir)?;
+
+    let origin_addr = at(0);
+    let listener = TcpListener::bind(origin_addr)
+        .await
+        .with_context(|| format!("demo origin: cannot bind {origin_addr}"))?;
+    let origin = tokio::spawn(serve_origin(listener));
+
+    let mut nodes = Vec::new();
+    for i in 0..LOWER_NODES {
+        let name = format!("edge-{}", i + 1);
+        match spawn_node(&exe, &dir, &name, at(1 + i), at(11 + i), origin_addr) {
+            Ok(n) => nodes.push(n),
+            Err(e) => {
+                terminate(&mut nodes);
+                return Err(e);
+            }
+        }
+    }
+    for i in 0..nodes.len() {
+        if let Err(e) = wait_healthy(&mut nodes[i], &dir).await {
+            terminate(&mut nodes);
+            return Err(e);
+        }
+    }
+
+    println!(
+        "stratus demo: origin {DEMO_HOST} at http://{origin_addr}/ (logs and configs in {})",
+        dir.display()
+    );
+    for n in &nodes {
+        println!("client: http://{}/", n.listen);
+    }
+    for n in &nodes {
+        println!("admin: http://{}/", n.admin);
+    }
+    if let Some(otlp) = &opts.otlp {
+        println!(
+            "note: tracing export to {otlp} arrives with the tracing work; no spans are sent yet"
+        );
+    }
+    println!(
+        "curl -si -H 'Host: {DEMO_HOST}' http://{}/hello",
+        nodes[0].listen
+    );
+    println!("Ctrl-C stops everything.");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping…");
+    terminate(&mut nodes);
+    origin.abort();
+    Ok(())
+}
