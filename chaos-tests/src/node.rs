@@ -36,6 +36,19 @@ impl OriginEntry {
     }
 }
 
+/// `[[origin]]` tables for `origins`.
+pub fn origin_tables(origins: &[OriginEntry]) -> String {
+    origins
+        .iter()
+        .map(|o| {
+            format!(
+                "\n[[origin]]\nhost = \"{}\"\naddress = \"{}\"\n",
+                o.host, o.address
+            )
+        })
+        .collect()
+}
+
 /// A running node process.
 pub struct NodeProcess {
     child: Child,
@@ -57,17 +70,26 @@ impl NodeProcess {
         origins: &[OriginEntry],
         extra: &str,
     ) -> anyhow::Result<NodeProcess> {
-        let listen = free_port()?;
-        let admin = free_port()?;
-        let mut toml = format!(
-            "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\n{extra}\n"
-        );
-        for o in origins {
-            toml.push_str(&format!(
-                "\n[[origin]]\nhost = \"{}\"\naddress = \"{}\"\n",
-                o.host, o.address
-            ));
-        }
+        let (listen, admin) = (free_port()?, free_port()?);
+        let node = format!("[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n");
+        Self::start_with(
+            bin,
+            name,
+            listen,
+            admin,
+            &format!("{node}\n{extra}\n{}", origin_tables(origins)),
+        )
+        .await
+    }
+
+    /// Starts a node from a whole config text whose listeners are `listen` and `admin`.
+    pub async fn start_with(
+        bin: &Path,
+        name: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        toml: &str,
+    ) -> anyhow::Result<NodeProcess> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&config_path, toml)?;
@@ -90,6 +112,12 @@ impl NodeProcess {
         };
         node.wait_ready().await?;
         Ok(node)
+    }
+
+    /// SIGKILL: the process vanishes without draining anything.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {

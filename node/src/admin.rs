@@ -16,7 +16,11 @@ use serde_json::json;
 use crate::config::{normalize_host, Config};
 use crate::metrics::Metrics;
 use crate::policy;
+use crate::proxy::CONTROL_HEADER;
 use crate::store::Store;
+use crate::tier::{exchange, Tier};
+use std::time::SystemTime;
+use stratus_tiering::{ControlContext, Health, RequestLine};
 
 /// Purge bodies are one small JSON object.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -26,15 +30,22 @@ pub struct Admin {
     config: Arc<Config>,
     store: &'static Store,
     metrics: Arc<Metrics>,
+    tier: Option<Arc<Tier>>,
 }
 
 impl Admin {
     /// The admin API of one node.
-    pub fn new(config: Arc<Config>, store: &'static Store, metrics: Arc<Metrics>) -> Admin {
+    pub fn new(
+        config: Arc<Config>,
+        store: &'static Store,
+        metrics: Arc<Metrics>,
+        tier: Option<Arc<Tier>>,
+    ) -> Admin {
         Admin {
             config,
             store,
             metrics,
+            tier,
         }
     }
 
@@ -53,13 +64,24 @@ impl Admin {
     }
 
     fn ring(&self) -> Response<Vec<u8>> {
-        let upper: Vec<_> = self
-            .config
-            .tier
-            .iter()
-            .flat_map(|t| t.upper.iter())
-            .map(|m| json!({"addr": m.addr.to_string(), "weight": m.weight, "health": "unknown"}))
-            .collect();
+        let upper: Vec<_> = match &self.tier {
+            Some(tier) => {
+                let view = tier.view();
+                view.members()
+                    .iter()
+                    .enumerate()
+                    .map(|(id, m)| {
+                        let health = match view.health(id) {
+                            Some(Health::Up { failures }) => json!({"state": "up", "recent_failures": failures}),
+                            Some(Health::Down { since }) => json!({"state": "down", "down_for_ms": since.elapsed().as_millis() as u64}),
+                            None => json!({"state": "unknown"}),
+                        };
+                        json!({"addr": m.addr.to_string(), "weight": m.weight, "health": health})
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         json_response(
             StatusCode::OK,
             &json!({
@@ -70,9 +92,46 @@ impl Admin {
         )
     }
 
-    /// Removes every variant of one URL from this node. (Purging the owning upper node comes
-    /// with tiering.)
-    fn purge(&self, body: &[u8]) -> Response<Vec<u8>> {
+    /// Purges `host`/`path` on the upper member that owns it, authenticated by a control context.
+    async fn purge_owner(&self, tier: &Tier, host: &str, path: &str) -> Option<serde_json::Value> {
+        let view = tier.view();
+        let primary = policy::primary_key(host, path);
+        let owner = view.ring().owner(primary.as_bytes())?;
+        let addr = view.members().get(owner)?.addr;
+        let key_id = policy::cache_key(host, path).primary();
+        let request_id = format!("{:032x}", rand::random::<u128>());
+        let ctx = ControlContext::new(
+            host,
+            key_id,
+            request_id,
+            self.config.node.name.clone(),
+            SystemTime::now(),
+        );
+        let value = ctx.encode(
+            &tier.secret,
+            RequestLine {
+                method: "PURGE",
+                target: path,
+            },
+        );
+        let request = format!(
+            "PURGE {path} HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: {value}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let timeout = tier.settings.connect_timeout + tier.settings.read_timeout;
+        let outcome = match exchange(addr, request.as_bytes(), timeout).await {
+            Ok((200, body)) => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("outcome").cloned())
+                .unwrap_or(json!("unknown")),
+            Ok((status, _)) => json!(format!("error: upper answered {status}")),
+            Err(e) => json!(format!("error: {e}")),
+        };
+        Some(json!({"node": addr.to_string(), "outcome": outcome}))
+    }
+
+    /// Removes every variant of one URL from this node and, on a lower node, from the upper
+    /// member that owns it.
+    async fn purge(&self, body: &[u8]) -> Response<Vec<u8>> {
         let url = match serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v.get("url").and_then(|u| u.as_str()).map(str::to_string))
@@ -93,16 +152,16 @@ impl Admin {
         };
         let primary = policy::cache_key(&host, &path).primary_bin();
         let purged = self.store.purge_primary(primary);
-        json_response(
-            StatusCode::OK,
-            &json!({
-                "url": url,
-                "results": [{
-                    "node": self.config.node.name,
-                    "outcome": if purged { "purged" } else { "not_found" },
-                }],
-            }),
-        )
+        let mut results = vec![json!({
+            "node": self.config.node.name,
+            "outcome": if purged { "purged" } else { "not_found" },
+        })];
+        if let Some(tier) = self.tier.as_deref().filter(|t| t.has_upper()) {
+            if let Some(upper) = self.purge_owner(tier, &host, &path).await {
+                results.push(upper);
+            }
+        }
+        json_response(StatusCode::OK, &json!({ "url": url, "results": results }))
     }
 }
 
@@ -180,7 +239,7 @@ impl ServeHttp for Admin {
                     return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
                 }
                 match read_body(session).await {
-                    Ok(body) => self.purge(&body),
+                    Ok(body) => self.purge(&body).await,
                     Err(why) => error(StatusCode::BAD_REQUEST, why),
                 }
             }

@@ -79,6 +79,19 @@ pub fn entry(node: &str, o: &CacheOutcome) -> String {
     s
 }
 
+/// Whether the response body came from this node's cache (so upstream entries stored with the
+/// object describe its fill, not this response).
+pub fn served_from_cache(phase: CachePhase) -> bool {
+    matches!(
+        phase,
+        CachePhase::Hit
+            | CachePhase::StaleUpdating
+            | CachePhase::Stale
+            | CachePhase::Revalidated
+            | CachePhase::RevalidatedNoCache(_)
+    )
+}
+
 fn no_cache_detail(reason: NoCacheReason) -> Option<&'static str> {
     Some(match reason {
         NoCacheReason::OriginNotCache => "uncacheable",

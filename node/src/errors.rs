@@ -11,6 +11,10 @@ use pingora_error::{Error, ErrorSource, ErrorType};
 pub enum Generated {
     /// 400: the request is malformed (bad or missing Host, several Host fields).
     BadRequest(&'static str),
+    /// 403: an upper node refused the control context; the detail says why.
+    Forbidden(&'static str),
+    /// 405: a method stratus refuses from clients (`PURGE`: use the admin API).
+    MethodNotAllowed,
     /// 421: no `[[origin]]` serves this Host.
     UnknownHost,
     /// 431: the request line and headers exceed `node.max_request_header_size`.
@@ -28,6 +32,8 @@ impl Generated {
     pub fn status(self) -> u16 {
         match self {
             Generated::BadRequest(_) => 400,
+            Generated::Forbidden(_) => 403,
+            Generated::MethodNotAllowed => 405,
             Generated::UnknownHost => 421,
             Generated::HeadersTooLarge => 431,
             Generated::BadGateway(_) => 502,
@@ -39,8 +45,12 @@ impl Generated {
     /// The `Cache-Status` `detail` value: a short token naming the reason.
     pub fn detail(self) -> &'static str {
         match self {
-            Generated::BadRequest(d) | Generated::BadGateway(d) | Generated::GatewayTimeout(d) => d,
+            Generated::BadRequest(d)
+            | Generated::Forbidden(d)
+            | Generated::BadGateway(d)
+            | Generated::GatewayTimeout(d) => d,
             Generated::UnknownHost => "unknown-host",
+            Generated::MethodNotAllowed => "method-not-allowed",
             Generated::HeadersTooLarge => "headers-too-large",
             Generated::LoopDetected => "loop",
         }
@@ -50,6 +60,8 @@ impl Generated {
     pub fn body(self) -> String {
         let what = match self {
             Generated::BadRequest(_) => "bad request",
+            Generated::Forbidden(_) => "forbidden",
+            Generated::MethodNotAllowed => "method not allowed; purge through the admin API",
             Generated::UnknownHost => "no origin is configured for this host",
             Generated::HeadersTooLarge => "request headers too large",
             Generated::BadGateway(_) => "bad gateway",
@@ -86,7 +98,9 @@ impl Generated {
                     InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => {
                         Generated::BadGateway("invalid-response")
                     }
+                    Custom(UPPER_REFUSED) => Generated::BadGateway("upper-refused"),
                     Custom(DNS_FAILED) => Generated::BadGateway("dns-failed"),
+                    Custom(ALL_UPPER_DOWN) => Generated::BadGateway("all-upper-down"),
                     _ => Generated::BadGateway("upstream-error"),
                 })
             }
@@ -96,6 +110,19 @@ impl Generated {
 
 /// The custom error type for a failed origin name lookup.
 pub const DNS_FAILED: &str = "DNSFailed";
+/// The custom error type for a lower node with no upper member left to try.
+pub const ALL_UPPER_DOWN: &str = "AllUpperDown";
+/// The custom error type for an upper member that answered with an error about itself.
+pub const UPPER_REFUSED: &str = "UpperRefused";
+/// Response header an upper node puts on responses it generated itself, so the lower can
+/// tell "the member failed" from "the origin failed". Lower nodes remove it.
+pub const GENERATED_HEADER: &str = "stratus-generated";
+
+/// Whether an upper node's generated response with this status means the member itself is
+/// unfit (refused our context, lacks the origin, looped, broke) rather than the origin failing.
+pub fn blames_member(status: u16) -> bool {
+    matches!(status, 403 | 421 | 500 | 508)
+}
 
 #[cfg(test)]
 mod tests {

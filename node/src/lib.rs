@@ -14,3 +14,4 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod tier;

@@ -129,15 +129,6 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if cfg.node.role == stratus_node::config::Role::Upper
-                || cfg.tier.as_ref().is_some_and(|t| !t.upper.is_empty())
-            {
-                eprintln!(
-                    "{}: tier: tiered operation is not built yet; run this node standalone (no [tier].upper, role \"lower\")",
-                    config.display()
-                );
-                return ExitCode::from(EXIT_CONFIG);
-            }
             if !upgrade {
                 if let Err(why) = cfg.check_ports() {
                     eprintln!("{}: {why}", config.display());

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub origin_requests: IntCounter,
     /// `stratus_upper_requests_total{upper, outcome}`: requests sent to upper nodes.
     pub upper_requests: IntCounterVec,
+    /// `stratus_upper_up{upper}`: 1 while an upper member takes traffic, 0 while down.
+    pub upper_up: prometheus::IntGaugeVec,
     /// `stratus_spans_dropped_total`: spans dropped because the export queue was full.
     pub spans_dropped: IntCounter,
     cache_objects: IntGauge,
@@ -44,6 +46,13 @@ impl Metrics {
             ),
             &["upper", "outcome"],
         )?;
+        let upper_up = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "stratus_upper_up",
+                "1 while an upper member takes traffic, 0 while down",
+            ),
+            &["upper"],
+        )?;
         let spans_dropped = IntCounter::new(
             "stratus_spans_dropped_total",
             "Spans dropped because the export queue was full",
@@ -56,6 +65,7 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(upper_requests.clone()))?;
+        registry.register(Box::new(upper_up.clone()))?;
         registry.register(Box::new(spans_dropped.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
@@ -64,6 +74,7 @@ impl Metrics {
             requests,
             origin_requests,
             upper_requests,
+            upper_up,
             spans_dropped,
             cache_objects,
             cache_bytes,

@@ -10,27 +10,32 @@
 //! built once in `request_filter` and never changed; only [`Progress`] moves.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
+use pingora_cache::key::CacheHashKey;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::predictor::Predictor;
 use pingora_cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use stratus_tiering::{route, ContextError, ControlContext, MemberId, Outcome, RequestLine, Route};
+
 use crate::cache_status::{self, CacheOutcome};
-use crate::config::{normalize_host, Config};
-use crate::errors::{Generated, DNS_FAILED};
+use crate::config::{normalize_host, AllUpperDown, Config, Role};
+use crate::errors::{
+    blames_member, Generated, ALL_UPPER_DOWN, DNS_FAILED, GENERATED_HEADER, UPPER_REFUSED,
+};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::store::Store;
+use crate::tier::{Tier, HEALTH_PATH, MAX_UPPER_ATTEMPTS};
 
 /// The control-context header between tiers. Never accepted from clients, never forwarded to
 /// origins, never sent in a response.
@@ -45,16 +50,29 @@ const PREDICTOR_SHARD_CAPACITY: usize = 4096;
 /// Everything that describes a request, decided once in `request_filter` and then frozen.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    /// Process-unique request number, for logs.
-    pub id: u64,
-    /// The Host, lowercased, without port.
+    /// Fleet-unique request id (128 random bits, hex).
+    pub id: String,
+    /// The origin's host, lowercased, without port: from Host (lower) or the context (upper).
     pub host: String,
     /// Index into `config.origins` of the origin serving `host`.
     pub origin: usize,
     /// The exact path and query the cache key is built from.
     pub path_and_query: String,
+    /// The cache key's primary string; lower nodes hash these bytes onto the ring.
+    pub primary_key: String,
     /// GET or HEAD: the cache may be used.
     pub method_cacheable: bool,
+    /// Lower: the context sent to upper members. Upper: the verified context received.
+    pub control: Option<ControlContext>,
+}
+
+/// One upstream attempt's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// An upper-tier member.
+    Upper(MemberId, SocketAddr),
+    /// The origin of the request's `[[origin]]`.
+    Origin,
 }
 
 /// What changes while a request is served. Observers read it; only phases write it.
@@ -62,8 +80,12 @@ pub struct RequestContext {
 pub struct Progress {
     /// A response stratus wrote itself.
     pub generated: Option<Generated>,
-    /// Status of the upstream's response, when one arrived.
+    /// Status of the current attempt's response, when one arrived.
     pub upstream_status: Option<u16>,
+    /// The route, fixed at the first upstream attempt (lower nodes with upper members).
+    pub route: Option<Route>,
+    /// Every upstream attempt, in order.
+    pub attempts: Vec<Hop>,
 }
 
 /// Pingora's per-request `CTX`.
@@ -80,14 +102,19 @@ pub struct Proxy {
     config: Arc<Config>,
     store: &'static Store,
     metrics: Arc<Metrics>,
+    tier: Option<Arc<Tier>>,
     predictor: &'static Predictor<16>,
     lock: &'static CacheKeyLockImpl,
-    next_request_id: AtomicU64,
 }
 
 impl Proxy {
     /// A proxy serving `config` from `store`.
-    pub fn new(config: Arc<Config>, store: &'static Store, metrics: Arc<Metrics>) -> Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        store: &'static Store,
+        metrics: Arc<Metrics>,
+        tier: Option<Arc<Tier>>,
+    ) -> Proxy {
         let predictor: &'static Predictor<16> =
             Box::leak(Box::new(Predictor::new(PREDICTOR_SHARD_CAPACITY, None)));
         let lock: &'static CacheKeyLockImpl =
@@ -96,10 +123,84 @@ impl Proxy {
             config,
             store,
             metrics,
+            tier,
             predictor,
             lock,
-            next_request_id: AtomicU64::new(1),
         }
+    }
+
+    /// The tier of a lower node that routes misses to upper members.
+    fn lower_tier(&self) -> Option<&Tier> {
+        self.tier
+            .as_deref()
+            .filter(|t| self.config.node.role == Role::Lower && t.has_upper())
+    }
+
+    /// Whether another upstream attempt is possible after the current one.
+    fn has_next_hop(&self, ctx: &Ctx) -> bool {
+        let Some(tier) = self.lower_tier() else {
+            return false;
+        };
+        let tried_upper = ctx
+            .progress
+            .attempts
+            .iter()
+            .filter(|h| matches!(h, Hop::Upper(..)))
+            .count();
+        let tried_origin = ctx.progress.attempts.contains(&Hop::Origin);
+        let route_left = ctx
+            .progress
+            .route
+            .as_ref()
+            .is_some_and(|r| r.hops.len() > tried_upper);
+        route_left || (tier.settings.on_all_upper_down == AllUpperDown::Origin && !tried_origin)
+    }
+
+    /// Reports the current attempt's outcome if it went to an upper member.
+    fn report(&self, ctx: &Ctx, outcome: Outcome) {
+        if let (Some(tier), Some(Hop::Upper(id, addr))) = (&self.tier, ctx.progress.attempts.last())
+        {
+            tier.report(*id, outcome);
+            self.metrics
+                .upper_requests
+                .with_label_values(&[addr.to_string().as_str(), outcome.label()])
+                .inc();
+        }
+    }
+
+    /// Answers `PURGE` from a lower node (already authenticated by its context).
+    async fn purge_from_lower(&self, session: &mut Session, r: &RequestContext) -> Result<()> {
+        let purged = self
+            .store
+            .purge_primary(policy::cache_key(&r.host, &r.path_and_query).primary_bin());
+        let body = Bytes::from(format!(
+            "{{\"node\": \"{}\", \"outcome\": \"{}\"}}\n",
+            self.config.node.name,
+            if purged { "purged" } else { "not_found" }
+        ));
+        let mut h = ResponseHeader::build(200, Some(3))?;
+        h.insert_header(header::CONTENT_TYPE, "application/json")?;
+        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        h.insert_header(header::CACHE_CONTROL, "no-store")?;
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// Answers the data-listener health check; no origin is contacted.
+    async fn health(&self, session: &mut Session) -> Result<()> {
+        let body = Bytes::from_static(b"ok\n");
+        let mut h = ResponseHeader::build(200, Some(3))?;
+        h.insert_header(header::CONTENT_TYPE, "text/plain")?;
+        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+        h.insert_header(header::CACHE_CONTROL, "no-store")?;
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(h), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
     }
 
     /// Writes a generated response with its short body and `Cache-Status` detail.
@@ -113,6 +214,9 @@ impl Proxy {
             "cache-status",
             cache_status::generated(&self.config.node.name, g),
         )?;
+        if self.config.node.role == Role::Upper {
+            h.insert_header(GENERATED_HEADER, g.detail())?;
+        }
         if g.status() == 400 || g.status() == 431 {
             // The framing of what follows on this connection cannot be trusted.
             session.set_keepalive(None);
@@ -151,7 +255,16 @@ impl Proxy {
 }
 
 /// Decides whether a request may be served at all, and builds its frozen context.
-pub fn admit(config: &Config, req: &RequestHeader, id: u64) -> Result<RequestContext, Generated> {
+///
+/// A lower node trusts the Host header to pick an `[[origin]]` and builds the control context
+/// it will send upward. An upper node trusts nothing but a verified control context: the
+/// origin comes from the context's host through this node's own `[[origin]]` table.
+pub fn admit(
+    config: &Config,
+    tier: Option<&Tier>,
+    req: &RequestHeader,
+    now: SystemTime,
+) -> Result<RequestContext, Generated> {
     let header_bytes = req.method.as_str().len()
         + req.uri.to_string().len()
         + req
@@ -177,6 +290,88 @@ pub fn admit(config: &Config, req: &RequestHeader, id: u64) -> Result<RequestCon
     if hops >= MAX_STRATUS_HOPS {
         return Err(Generated::LoopDetected);
     }
+    let path_and_query = req
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let method_cacheable = policy::method_is_cacheable(req);
+    let id = format!("{:032x}", rand::random::<u128>());
+    match config.node.role {
+        Role::Lower => {
+            if req.method.as_str() == "PURGE" {
+                return Err(Generated::MethodNotAllowed);
+            }
+            let host = request_host(req)?;
+            let origin = config
+                .origins
+                .iter()
+                .position(|o| o.host == host)
+                .ok_or(Generated::UnknownHost)?;
+            let primary_key = policy::primary_key(&host, &path_and_query);
+            let control = tier.filter(|t| t.has_upper()).map(|_| {
+                let key_id = policy::cache_key(&host, &path_and_query).primary();
+                ControlContext::new(
+                    host.clone(),
+                    key_id,
+                    id.clone(),
+                    config.node.name.clone(),
+                    now,
+                )
+            });
+            Ok(RequestContext {
+                id,
+                host,
+                origin,
+                path_and_query,
+                primary_key,
+                method_cacheable,
+                control,
+            })
+        }
+        Role::Upper => {
+            let tier = tier.ok_or(Generated::Forbidden("no-tier"))?;
+            let mut values = req.headers.get_all(CONTROL_HEADER).iter();
+            let value = match (values.next(), values.next()) {
+                (_, Some(_)) => return Err(Generated::Forbidden(ContextError::Malformed.detail())),
+                (v, None) => v
+                    .map(|v| {
+                        v.to_str()
+                            .map_err(|_| Generated::Forbidden(ContextError::Malformed.detail()))
+                    })
+                    .transpose()?,
+            };
+            let control = tier
+                .accept(value, req.method.as_str(), &path_and_query)
+                .map_err(|e| match e {
+                    ContextError::TooManyHops => Generated::LoopDetected,
+                    e => Generated::Forbidden(e.detail()),
+                })?;
+            let host = control.origin_host().to_string();
+            let origin = config
+                .origins
+                .iter()
+                .position(|o| o.host == host)
+                .ok_or(Generated::UnknownHost)?;
+            let key = policy::cache_key(&host, &path_and_query);
+            if key.primary() != control.cache_key() {
+                return Err(Generated::Forbidden("context-key-mismatch"));
+            }
+            Ok(RequestContext {
+                id: control.request_id().to_string(),
+                primary_key: policy::primary_key(&host, &path_and_query),
+                host,
+                origin,
+                path_and_query,
+                method_cacheable,
+                control: Some(control),
+            })
+        }
+    }
+}
+
+/// The request's Host (header, else absolute-form authority), normalised.
+fn request_host(req: &RequestHeader) -> Result<String, Generated> {
     let mut hosts = req.headers.get_all(header::HOST).iter();
     let host_value = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(Generated::BadRequest("duplicate-host")),
@@ -190,24 +385,18 @@ pub fn admit(config: &Config, req: &RequestHeader, id: u64) -> Result<RequestCon
             .map(|a| a.as_str().to_string())
             .ok_or(Generated::BadRequest("missing-host"))?,
     };
-    let host = normalize_host(&host_value).ok_or(Generated::BadRequest("bad-host"))?;
-    let origin = config
-        .origins
-        .iter()
-        .position(|o| o.host == host)
-        .ok_or(Generated::UnknownHost)?;
-    let path_and_query = req
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    Ok(RequestContext {
-        id,
-        host,
-        origin,
-        path_and_query,
-        method_cacheable: policy::method_is_cacheable(req),
-    })
+    normalize_host(&host_value).ok_or(Generated::BadRequest("bad-host"))
+}
+
+fn upstream_error(kind: &'static str, context: String, retry: bool) -> Box<Error> {
+    let mut e = Error::create(
+        ErrorType::Custom(kind),
+        ErrorSource::Upstream,
+        Some(context.into()),
+        None,
+    );
+    e.set_retry(retry);
+    e
 }
 
 async fn resolve(address: &str) -> Result<SocketAddr> {
@@ -241,9 +430,27 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        match admit(&self.config, session.req_header(), id) {
+        let req = session.req_header();
+        if req.uri.path() == HEALTH_PATH
+            && matches!(req.method, http::Method::GET | http::Method::HEAD)
+        {
+            self.health(session).await?;
+            return Ok(true);
+        }
+        match admit(
+            &self.config,
+            self.tier.as_deref(),
+            session.req_header(),
+            SystemTime::now(),
+        ) {
             Ok(request) => {
+                if self.config.node.role == Role::Upper
+                    && session.req_header().method.as_str() == "PURGE"
+                {
+                    self.purge_from_lower(session, &request).await?;
+                    ctx.request = Some(request);
+                    return Ok(true);
+                }
                 ctx.request = Some(request);
                 Ok(false)
             }
@@ -320,6 +527,45 @@ impl ProxyHttp for Proxy {
             .request
             .as_ref()
             .ok_or_else(|| internal("upstream without context"))?;
+        ctx.progress.upstream_status = None;
+        if let Some(tier) = self.lower_tier() {
+            let route = ctx.progress.route.get_or_insert_with(|| {
+                route(r.primary_key.as_bytes(), &tier.view(), MAX_UPPER_ATTEMPTS)
+            });
+            let tried = ctx
+                .progress
+                .attempts
+                .iter()
+                .filter(|h| matches!(h, Hop::Upper(..)))
+                .count();
+            if let Some(&id) = route.hops.get(tried) {
+                let view = tier.view();
+                let addr = view
+                    .members()
+                    .get(id)
+                    .map(|m| m.addr)
+                    .ok_or_else(|| internal("route names an unknown member"))?;
+                ctx.progress.attempts.push(Hop::Upper(id, addr));
+                let mut peer = HttpPeer::new(addr, false, String::new());
+                peer.options.connection_timeout = Some(tier.settings.connect_timeout);
+                peer.options.read_timeout = Some(tier.settings.read_timeout);
+                return Ok(Box::new(peer));
+            }
+            let go_direct = tier.settings.on_all_upper_down == AllUpperDown::Origin
+                && !ctx.progress.attempts.contains(&Hop::Origin);
+            if !go_direct {
+                return Err(upstream_error(
+                    ALL_UPPER_DOWN,
+                    format!("no upper member left after {tried} attempts"),
+                    false,
+                ));
+            }
+        }
+        ctx.progress.attempts.push(Hop::Origin);
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("upstream without context"))?;
         let origin = self
             .config
             .origins
@@ -333,14 +579,33 @@ impl ProxyHttp for Proxy {
         Ok(Box::new(peer))
     }
 
+    /// The one place outgoing control headers are written, from the frozen context.
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
         upstream: &mut RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
         upstream.remove_header(CONTROL_HEADER);
         upstream.append_header("cdn-loop", CDN_LOOP_TOKEN)?;
+        let to_upper = matches!(ctx.progress.attempts.last(), Some(Hop::Upper(..)));
+        if let (true, Some(tier), Some(control)) = (
+            to_upper,
+            &self.tier,
+            ctx.request.as_ref().and_then(|r| r.control.as_ref()),
+        ) {
+            let target = upstream
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            let line = RequestLine {
+                method: upstream.method.as_str(),
+                target: &target,
+            };
+            let value = control.encode(&tier.secret, line);
+            upstream.insert_header(CONTROL_HEADER, value)?;
+        }
         Ok(())
     }
 
@@ -352,7 +617,22 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         // Runs before the cache write, so what we store is already clean.
         upstream.remove_header(CONTROL_HEADER);
-        ctx.progress.upstream_status = Some(upstream.status.as_u16());
+        let status = upstream.status.as_u16();
+        if matches!(ctx.progress.attempts.last(), Some(Hop::Upper(..))) {
+            let member_generated = upstream.headers.contains_key(GENERATED_HEADER);
+            upstream.remove_header(GENERATED_HEADER);
+            if member_generated && blames_member(status) {
+                self.report(ctx, Outcome::MemberError);
+                let retry = self.has_next_hop(ctx);
+                return Err(upstream_error(
+                    UPPER_REFUSED,
+                    format!("upper member answered {status} about itself"),
+                    retry,
+                ));
+            }
+            self.report(ctx, Outcome::Answered);
+        }
+        ctx.progress.upstream_status = Some(status);
         Ok(())
     }
 
@@ -363,7 +643,12 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.remove_header(CONTROL_HEADER);
-        let ours = cache_status::entry(&self.config.node.name, &self.outcome(session, ctx));
+        let outcome = self.outcome(session, ctx);
+        let ours = cache_status::entry(&self.config.node.name, &outcome);
+        if cache_status::served_from_cache(outcome.phase) {
+            // Upstream entries stored with the object describe its fill, not this response.
+            resp.remove_header("cache-status");
+        }
         let existing: Vec<String> = resp
             .headers
             .get_all("cache-status")
@@ -378,6 +663,58 @@ impl ProxyHttp for Proxy {
         );
         resp.insert_header("cache-status", joined)?;
         Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if matches!(ctx.progress.attempts.last(), Some(Hop::Upper(..))) {
+            let outcome = match e.etype() {
+                ErrorType::ConnectTimedout => Outcome::TimedOut,
+                _ => Outcome::ConnectFailed,
+            };
+            self.report(ctx, outcome);
+            e.set_retry(self.has_next_hop(ctx));
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A stale pooled connection is not the member's fault (pingora marks it ReusedOnly).
+        let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
+        e.retry.decide_reuse(client_reused);
+        let before_headers =
+            ctx.progress.upstream_status.is_none() && session.response_written().is_none();
+        if matches!(ctx.progress.attempts.last(), Some(Hop::Upper(..))) {
+            let already_reported = matches!(e.etype(), ErrorType::Custom(UPPER_REFUSED));
+            if !already_reported && !stale_pooled {
+                let outcome = match e.etype() {
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout => Outcome::TimedOut,
+                    _ => Outcome::Reset,
+                };
+                self.report(ctx, outcome);
+            }
+            // Failover only before response headers: after them the client already has a
+            // status line, and the only honest signal left is to abort its connection.
+            e.set_retry(before_headers && self.has_next_hop(ctx));
+        }
+        let idempotent = session.req_header().method.is_idempotent();
+        if !idempotent || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        }
+        e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -442,6 +779,10 @@ address = "127.0.0.1:3"
             r.append_header(*k, *v).expect("header");
         }
         r
+    }
+
+    fn admit(c: &Config, r: &RequestHeader, _id: u64) -> Result<RequestContext, Generated> {
+        super::admit(c, None, r, SystemTime::now())
     }
 
     #[test]

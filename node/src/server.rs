@@ -9,9 +9,12 @@ use pingora_core::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::config::Role;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::Store;
+use crate::tier::{HealthTask, Tier};
+use pingora_core::services::background::background_service;
 
 /// How a node process starts.
 #[derive(Debug, Clone, Default)]
@@ -46,16 +49,23 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
     let store = Store::leaked(config.cache.capacity);
     let metrics = Arc::new(Metrics::new()?);
 
-    let proxy = Proxy::new(config.clone(), store, metrics.clone());
+    let tier = Tier::from_config(&config)?;
+    let proxy = Proxy::new(config.clone(), store, metrics.clone(), tier.clone());
     let mut proxy_service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "stratus-proxy");
     proxy_service.add_tcp(&config.node.listen.to_string());
 
-    let admin = Admin::new(config.clone(), store, metrics);
+    let admin = Admin::new(config.clone(), store, metrics.clone(), tier.clone());
     let mut admin_service = Service::new("stratus-admin".to_string(), admin);
     admin_service.add_tcp(&config.node.admin_listen.to_string());
 
     server.add_service(proxy_service);
     server.add_service(admin_service);
+    if let Some(tier) = tier.filter(|t| config.node.role == Role::Lower && t.has_upper()) {
+        server.add_service(background_service(
+            "stratus-health",
+            HealthTask::new(tier, metrics),
+        ));
+    }
     Ok(server)
 }

@@ -183,7 +183,12 @@ impl ControlContext {
             .map_err(|_| ContextError::BadSignature)?;
         let ctx: ControlContext =
             serde_json::from_slice(&payload).map_err(|_| ContextError::Malformed)?;
-        let fields = [&ctx.origin_host, &ctx.cache_key, &ctx.request_id, &ctx.sender];
+        let fields = [
+            &ctx.origin_host,
+            &ctx.cache_key,
+            &ctx.request_id,
+            &ctx.sender,
+        ];
         if fields.iter().any(|f| f.is_empty() || f.len() > MAX_FIELD) {
             return Err(ContextError::Malformed);
         }

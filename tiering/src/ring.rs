@@ -38,7 +38,9 @@ pub struct Ring {
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ring").field("members", &self.members).finish()
+        f.debug_struct("Ring")
+            .field("members", &self.members)
+            .finish()
     }
 }
 
@@ -48,14 +50,23 @@ impl Ring {
     pub fn new(members: Vec<Member>) -> Result<Ring, TierError> {
         for (i, m) in members.iter().enumerate() {
             if m.weight == 0 || m.weight > MAX_WEIGHT {
-                return Err(TierError::BadWeight { addr: m.addr, weight: m.weight });
+                return Err(TierError::BadWeight {
+                    addr: m.addr,
+                    weight: m.weight,
+                });
             }
             if members[..i].iter().any(|o| o.addr == m.addr) {
                 return Err(TierError::DuplicateMember(m.addr));
             }
         }
-        let buckets: Vec<Bucket> = members.iter().map(|m| Bucket::new(m.addr, m.weight)).collect();
-        let points = members.iter().map(|m| m.weight as usize * POINTS_PER_WEIGHT).sum();
+        let buckets: Vec<Bucket> = members
+            .iter()
+            .map(|m| Bucket::new(m.addr, m.weight))
+            .collect();
+        let points = members
+            .iter()
+            .map(|m| m.weight as usize * POINTS_PER_WEIGHT)
+            .sum();
         Ok(Ring {
             continuum: Continuum::new(&buckets),
             members,

@@ -11,8 +11,16 @@ use stratus_tiering::{Member, Ring};
 const GOLDEN: &str = "tests/golden/owners.txt";
 
 fn members() -> Vec<Member> {
-    let m = |a: &str, weight| Member { addr: a.parse::<SocketAddr>().expect("literal"), weight };
-    vec![m("10.0.0.1:8180", 1), m("10.0.0.2:8180", 2), m("10.0.0.3:8180", 1), m("10.0.0.4:8181", 3)]
+    let m = |a: &str, weight| Member {
+        addr: a.parse::<SocketAddr>().expect("literal"),
+        weight,
+    };
+    vec![
+        m("10.0.0.1:8180", 1),
+        m("10.0.0.2:8180", 2),
+        m("10.0.0.3:8180", 1),
+        m("10.0.0.4:8181", 3),
+    ]
 }
 
 fn table() -> String {
@@ -36,6 +44,14 @@ fn key_placement_is_pinned() {
         return;
     }
     let pinned = std::fs::read_to_string(&path).expect("golden table is checked in");
-    let moved: Vec<_> = pinned.lines().zip(now.lines()).filter(|(a, b)| a != b).take(5).collect();
-    assert!(moved.is_empty() && pinned.lines().count() == 500, "key placement changed: {moved:?}");
+    let moved: Vec<_> = pinned
+        .lines()
+        .zip(now.lines())
+        .filter(|(a, b)| a != b)
+        .take(5)
+        .collect();
+    assert!(
+        moved.is_empty() && pinned.lines().count() == 500,
+        "key placement changed: {moved:?}"
+    );
 }

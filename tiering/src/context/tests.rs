@@ -21,9 +21,19 @@ fn field() -> impl Strategy<Value = String> {
 }
 
 fn any_ctx() -> impl Strategy<Value = (ControlContext, u64)> {
-    (field(), "[0-9a-f]{32}", "[0-9a-f]{32}", field(), 1_000_000u64..4_000_000_000_000).prop_map(
-        |(host, key, id, sender, issued)| (ControlContext::new(host, key, id, sender, at(issued)), issued),
+    (
+        field(),
+        "[0-9a-f]{32}",
+        "[0-9a-f]{32}",
+        field(),
+        1_000_000u64..4_000_000_000_000,
     )
+        .prop_map(|(host, key, id, sender, issued)| {
+            (
+                ControlContext::new(host, key, id, sender, at(issued)),
+                issued,
+            )
+        })
 }
 
 proptest! {
@@ -90,5 +100,8 @@ fn hops_beyond_the_limit_are_a_loop() {
     let mut ctx = ControlContext::new("h", "k", "r", "n", at(5_000));
     ctx.hops = MAX_HOPS + 1;
     let v = ctx.encode(&s, line("GET", "/"));
-    assert_eq!(ControlContext::decode(&v, &s, line("GET", "/"), at(5_000)), Err(ContextError::TooManyHops));
+    assert_eq!(
+        ControlContext::decode(&v, &s, line("GET", "/"), at(5_000)),
+        Err(ContextError::TooManyHops)
+    );
 }

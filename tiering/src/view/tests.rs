@@ -8,11 +8,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 fn member(i: u16, weight: u32) -> Member {
-    Member { addr: SocketAddr::from(([10, 0, (i / 200) as u8, (i % 200) as u8 + 1], 8000 + i)), weight }
+    Member {
+        addr: SocketAddr::from(([10, 0, (i / 200) as u8, (i % 200) as u8 + 1], 8000 + i)),
+        weight,
+    }
 }
 
 fn book(weights: &[u32]) -> HealthBook {
-    let members = weights.iter().enumerate().map(|(i, &w)| member(i as u16, w)).collect();
+    let members = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| member(i as u16, w))
+        .collect();
     HealthBook::new(Ring::new(members).expect("valid ring"), 3)
 }
 
@@ -72,7 +79,14 @@ proptest! {
 #[test]
 fn weights_shift_shares_proportionally() {
     for weights in [[1u32, 1, 1], [1, 2, 1], [1, 3, 6], [5, 1, 2]] {
-        let ring = Ring::new(weights.iter().enumerate().map(|(i, &w)| member(i as u16, w)).collect()).expect("ring");
+        let ring = Ring::new(
+            weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| member(i as u16, w))
+                .collect(),
+        )
+        .expect("ring");
         let mut counts = [0usize; 3];
         let total = 20_000;
         for k in keys(total) {
@@ -82,7 +96,10 @@ fn weights_shift_shares_proportionally() {
         for (i, &w) in weights.iter().enumerate() {
             let want = f64::from(w) / f64::from(sum);
             let got = counts[i] as f64 / total as f64;
-            assert!((got - want).abs() <= want * 0.30, "weights {weights:?}: member {i} got {got:.3}, want {want:.3}");
+            assert!(
+                (got - want).abs() <= want * 0.30,
+                "weights {weights:?}: member {i} got {got:.3}, want {want:.3}"
+            );
         }
     }
 }
@@ -92,24 +109,42 @@ fn health_needs_threshold_failures_and_a_probe_to_return() {
     let mut b = book(&[1, 1]);
     let t0 = Instant::now();
     assert!(!b.observe(0, Outcome::ConnectFailed, t0));
-    assert!(!b.observe(0, Outcome::Answered, t0), "a success resets the count");
+    assert!(
+        !b.observe(0, Outcome::Answered, t0),
+        "a success resets the count"
+    );
     assert!(!b.observe(0, Outcome::TimedOut, t0));
     assert!(!b.observe(0, Outcome::Reset, t0));
-    assert!(b.observe(0, Outcome::MemberError, t0), "third consecutive failure marks it down");
+    assert!(
+        b.observe(0, Outcome::MemberError, t0),
+        "third consecutive failure marks it down"
+    );
     assert!(!b.view().is_up(0));
-    assert!(!b.observe(0, Outcome::Answered, t0 + Duration::from_secs(1)), "only a probe brings it back");
+    assert!(
+        !b.observe(0, Outcome::Answered, t0 + Duration::from_secs(1)),
+        "only a probe brings it back"
+    );
     assert!(!b.probed(0, false, t0 + Duration::from_secs(2)));
     let before = b.view().version();
     assert!(b.probed(0, true, t0 + Duration::from_secs(3)));
     assert!(b.view().is_up(0));
     assert!(b.view().version() > before);
-    assert!(!b.observe(9, Outcome::Reset, t0), "unknown members are ignored");
+    assert!(
+        !b.observe(9, Outcome::Reset, t0),
+        "unknown members are ignored"
+    );
 }
 
 #[test]
 fn bad_rings_are_refused_not_panics() {
-    assert!(Ring::new(vec![member(0, 0)]).is_err(), "weight 0 (pingora #1006)");
-    assert!(Ring::new(vec![member(0, 1), member(0, 2)]).is_err(), "duplicate member");
+    assert!(
+        Ring::new(vec![member(0, 0)]).is_err(),
+        "weight 0 (pingora #1006)"
+    );
+    assert!(
+        Ring::new(vec![member(0, 1), member(0, 2)]).is_err(),
+        "duplicate member"
+    );
     let empty = Ring::new(vec![]).expect("empty ring");
     assert_eq!(empty.owner(b"k"), None);
     assert!(empty.successors(b"k").is_empty());
