@@ -1,4 +1,5 @@
-//! `stratus demo`: the system on one machine in one command, and the built-in demo origin.
+//! `stratus demo`: the system on one machine in one command (a demo origin, 2 upper-tier and
+//! 3 lower-tier nodes), and the built-in demo origin.
 //!
 //! The demo starts a demo origin in this process and every node as a real child process of
 //! this same binary (`stratus run --config …`), so what you poke at is what operators run.
@@ -159,10 +160,21 @@ struct DemoNode {
     admin: SocketAddr,
 }
 
-fn node_config(name: &str, listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> String {
+/// Ports, as offsets from `--base-port`: origin 0, lower data 1-3, upper data 4-5,
+/// lower admin 11-13, upper admin 14-15; 19 is kept for the trace UI.
+const UPPER_NODES: u16 = 2;
+
+fn node_config(
+    name: &str,
+    role: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    origin: SocketAddr,
+    tier: &str,
+) -> String {
     format!(
-        "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
-         [cache]\ncapacity = \"64MiB\"\nmax_object_size = \"8MiB\"\n\n\
+        "[node]\nname = \"{name}\"\nrole = \"{role}\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
+         [cache]\ncapacity = \"64MiB\"\nmax_object_size = \"8MiB\"\n\n{tier}\n\
          [[origin]]\nhost = \"{DEMO_HOST}\"\naddress = \"{origin}\"\n"
     )
 }
@@ -173,10 +185,10 @@ fn spawn_node(
     name: &str,
     listen: SocketAddr,
     admin: SocketAddr,
-    origin: SocketAddr,
+    config_text: &str,
 ) -> anyhow::Result<DemoNode> {
     let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, node_config(name, listen, admin, origin))?;
+    std::fs::write(&config, config_text)?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(exe)
         .arg("run")
@@ -254,10 +266,47 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .with_context(|| format!("demo origin: cannot bind {origin_addr}"))?;
     let origin = tokio::spawn(serve_origin(listener));
 
-    let mut nodes = Vec::new();
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let upper_tier = format!("[tier]\nsecret = \"{secret}\"\n");
+    let members: Vec<String> = (0..UPPER_NODES)
+        .map(|i| format!("\"{}\"", at(4 + i)))
+        .collect();
+    let lower_tier = format!(
+        "[tier]\nsecret = \"{secret}\"\nupper = [{}]\n",
+        members.join(", ")
+    );
+    let mut plan = Vec::new();
+    for i in 0..UPPER_NODES {
+        let name = format!("up-{}", i + 1);
+        let text = node_config(
+            &name,
+            "upper",
+            at(4 + i),
+            at(14 + i),
+            origin_addr,
+            &upper_tier,
+        );
+        plan.push((name, at(4 + i), at(14 + i), text));
+    }
     for i in 0..LOWER_NODES {
         let name = format!("edge-{}", i + 1);
-        match spawn_node(&exe, &dir, &name, at(1 + i), at(11 + i), origin_addr) {
+        let text = node_config(
+            &name,
+            "lower",
+            at(1 + i),
+            at(11 + i),
+            origin_addr,
+            &lower_tier,
+        );
+        plan.push((name, at(1 + i), at(11 + i), text));
+    }
+    let mut nodes = Vec::new();
+    for (name, listen, admin, text) in &plan {
+        match spawn_node(&exe, &dir, name, *listen, *admin, text) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 terminate(&mut nodes);
@@ -276,21 +325,22 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "stratus demo: origin {DEMO_HOST} at http://{origin_addr}/ (logs and configs in {})",
         dir.display()
     );
-    for n in &nodes {
+    for n in nodes.iter().filter(|n| n.name.starts_with("edge-")) {
         println!("client: http://{}/", n.listen);
     }
     for n in &nodes {
-        println!("admin: http://{}/", n.admin);
+        println!("admin: http://{}/  ({})", n.admin, n.name);
     }
     if let Some(otlp) = &opts.otlp {
         println!(
             "note: tracing export to {otlp} arrives with the tracing work; no spans are sent yet"
         );
     }
-    println!(
-        "curl -si -H 'Host: {DEMO_HOST}' http://{}/hello",
-        nodes[0].listen
-    );
+    let first_lower = nodes
+        .iter()
+        .find(|n| n.name.starts_with("edge-"))
+        .map_or(at(1), |n| n.listen);
+    println!("curl -si -H 'Host: {DEMO_HOST}' http://{first_lower}/hello");
     println!("Ctrl-C stops everything.");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -644,6 +644,16 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         resp.remove_header(CONTROL_HEADER);
         let outcome = self.outcome(session, ctx);
+        if matches!(outcome.phase, CachePhase::Miss | CachePhase::Expired) {
+            // The stored header drops the upstream's Age (pingora derives Age from the meta on
+            // hits); a fill must still pass on the age the object already has.
+            if let Some(meta) = session.cache.maybe_cache_meta() {
+                let age = meta.age().as_secs();
+                if age > 0 {
+                    resp.insert_header(header::AGE, age.to_string())?;
+                }
+            }
+        }
         let ours = cache_status::entry(&self.config.node.name, &outcome);
         if cache_status::served_from_cache(outcome.phase) {
             // Upstream entries stored with the object describe its fill, not this response.

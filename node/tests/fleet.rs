@@ -333,6 +333,51 @@ async fn forged_or_replayed_contexts_never_reach_an_origin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lower_counts_the_upper_age_against_freshness() {
+    let (origin, fleet) = start_fleet(2, 1, "").await;
+    origin.fixed(
+        "/aged",
+        Reply::ok("a")
+            .header("cache-control", "max-age=600")
+            .header("age", "100"),
+    );
+    let first = client::get(fleet.lowers[0].listen, HOST, "/aged", &[])
+        .await
+        .expect("miss");
+    // The upper stored 600 - 100; edge-2 then gets the upper's hit with its Age.
+    let second = client::get(fleet.lowers[1].listen, HOST, "/aged", &[])
+        .await
+        .expect("upper hit");
+    let ttl = |cs: &str, node: &str| -> i64 {
+        let entry = cs
+            .split(',')
+            .map(str::trim)
+            .find(|e| e.starts_with(node))
+            .unwrap_or_default();
+        entry
+            .split(';')
+            .map(str::trim)
+            .find_map(|p| p.strip_prefix("ttl="))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(i64::MAX)
+    };
+    for (r, edge) in [(&first, "edge-1"), (&second, "edge-2")] {
+        let cs = r.cache_status();
+        assert!(
+            ttl(&cs, edge) <= 500,
+            "{edge} must not restart freshness: {cs}"
+        );
+        assert!(ttl(&cs, edge) >= 495, "{cs}");
+    }
+    let age: u64 = second
+        .header("age")
+        .and_then(|a| a.parse().ok())
+        .expect("age header");
+    assert!(age >= 100, "age {age}");
+    assert_eq!(origin.count("/aged"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purge_on_a_lower_reaches_the_owning_upper() {
     let (origin, fleet) = start_fleet(2, 2, "").await;
     origin.fixed("/p", Reply::ok("v").header("cache-control", "max-age=600"));
@@ -378,7 +423,25 @@ async fn with_every_upper_down_the_policy_decides() {
 
     let (origin, mut fleet) = start_fleet(1, 1, "on_all_upper_down = \"error\"").await;
     origin.fixed("/e", Reply::ok("e").header("cache-control", "max-age=600"));
+    // Stored already stale (Age beyond max-age) but within stale-if-error.
+    let stale = Reply::ok("stale ok")
+        .header("cache-control", "max-age=10, stale-if-error=600")
+        .header("age", "20");
+    origin.fixed("/s", stale);
+    let warm = client::get(fleet.lowers[0].listen, HOST, "/s", &[])
+        .await
+        .expect("warm");
+    assert_eq!(warm.text(), "stale ok");
     fleet.uppers[0].kill_hard();
+    let r = client::get(fleet.lowers[0].listen, HOST, "/s", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "stale ok"),
+        "{}",
+        r.cache_status()
+    );
     let r = client::get(fleet.lowers[0].listen, HOST, "/e", &[])
         .await
         .expect("exchange");
