@@ -329,7 +329,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         println!("client: http://{}/", n.listen);
     }
     for n in &nodes {
-        println!("admin: http://{}/  ({})", n.admin, n.name);
+        println!("admin: http://{}/", n.admin);
     }
     if let Some(otlp) = &opts.otlp {
         println!(
