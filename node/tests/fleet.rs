@@ -458,3 +458,33 @@ async fn with_every_upper_down_the_policy_decides() {
         "policy error never contacts the origin"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_origins_own_5xx_does_not_mark_an_upper_down() {
+    let (origin, fleet) = start_fleet(1, 1, "").await;
+    origin.fixed("/broken", Reply::ok("origin trouble").status(503));
+    for _ in 0..10 {
+        let r = client::get(fleet.lowers[0].listen, HOST, "/broken", &[])
+            .await
+            .expect("exchange");
+        assert_eq!((r.status, r.text().as_str()), (503, "origin trouble"));
+        assert!(r.header("stratus-generated").is_none());
+    }
+    let ring = client::get(fleet.lowers[0].admin, "admin", "/ring", &[])
+        .await
+        .expect("ring");
+    assert!(
+        ring.text().contains("\"up\"") && !ring.text().contains("\"down\""),
+        "{}",
+        ring.text()
+    );
+    let metrics = client::get(fleet.lowers[0].admin, "admin", "/metrics", &[])
+        .await
+        .expect("metrics")
+        .text();
+    assert!(
+        metrics.contains("stratus_upper_requests_total{outcome=\"ok\""),
+        "{metrics}"
+    );
+    assert_eq!(origin.count("/broken"), 10);
+}
