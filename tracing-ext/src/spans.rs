@@ -1,0 +1,229 @@
+//! The span model: a SERVER span per node a request touches, a CLIENT span per upstream
+//! attempt, named and attributed after the OpenTelemetry HTTP semantic conventions, plus the
+//! `stratus.*` attributes.
+//!
+//! Both trace types hold an `opentelemetry::Context` and act through `SpanRef` with `&self`,
+//! so nothing here needs `&mut` access to anything.
+
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+
+use crate::export::Telemetry;
+use crate::facts::{AttemptFacts, RequestFacts, ResponseFacts};
+use crate::propagation;
+
+/// The trace of one request at this node: its SERVER span.
+#[derive(Debug, Clone)]
+pub struct RequestTrace {
+    cx: Context,
+    enabled: bool,
+}
+
+/// One upstream attempt: a CLIENT span, child of the request's SERVER span.
+#[derive(Debug, Clone)]
+pub struct AttemptTrace {
+    cx: Context,
+    enabled: bool,
+}
+
+/// Span name per the HTTP conventions: the method, or `HTTP` for unknown methods (a CDN has no
+/// routes, and raw paths would explode cardinality).
+fn span_name(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        "PURGE" => "PURGE",
+        _ => "HTTP",
+    }
+}
+
+impl Telemetry {
+    /// Starts the SERVER span for a request, continuing the caller's trace when `incoming`
+    /// carries a valid `traceparent`.
+    pub fn start_request(&self, incoming: &http::HeaderMap, facts: &RequestFacts<'_>) -> RequestTrace {
+        let Some(tracer) = self.tracer() else {
+            return RequestTrace {
+                cx: Context::new(),
+                enabled: false,
+            };
+        };
+        let parent = propagation::extract(incoming);
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", facts.method.to_string()),
+            KeyValue::new("url.path", facts.path.to_string()),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("stratus.node", facts.node.to_string()),
+            KeyValue::new("stratus.tier", facts.tier.to_string()),
+        ];
+        if let Some(q) = facts.query {
+            attrs.push(KeyValue::new("url.query", q.to_string()));
+        }
+        if let Some(h) = facts.host {
+            attrs.push(KeyValue::new("server.address", h.to_string()));
+        }
+        if let Some(ua) = facts.user_agent {
+            attrs.push(KeyValue::new("user_agent.original", ua.to_string()));
+        }
+        if let Some(p) = facts.peer {
+            attrs.push(KeyValue::new("network.peer.address", p.to_string()));
+        }
+        if let Some(id) = facts.request_id {
+            attrs.push(KeyValue::new("stratus.request_id", id.to_string()));
+        }
+        let span = tracer
+            .span_builder(span_name(facts.method))
+            .with_kind(SpanKind::Server)
+            .with_attributes(attrs)
+            .start_with_context(tracer, &parent);
+        RequestTrace {
+            cx: parent.with_span(span),
+            enabled: true,
+        }
+    }
+}
+
+impl RequestTrace {
+    /// A trace that records nothing (tracing off).
+    pub fn disabled() -> RequestTrace {
+        RequestTrace {
+            cx: Context::new(),
+            enabled: false,
+        }
+    }
+
+    /// Starts the CLIENT span for one upstream attempt.
+    pub fn start_attempt(&self, telemetry: &Telemetry, facts: &AttemptFacts<'_>) -> AttemptTrace {
+        let Some(tracer) = telemetry.tracer().filter(|_| self.enabled) else {
+            return AttemptTrace {
+                cx: Context::new(),
+                enabled: false,
+            };
+        };
+        let mut attrs = vec![
+            KeyValue::new("http.request.method", facts.method.to_string()),
+            KeyValue::new("server.address", facts.server_address.to_string()),
+            KeyValue::new("server.port", i64::from(facts.server_port)),
+            KeyValue::new("url.full", facts.url_full.to_string()),
+            KeyValue::new("stratus.upstream.kind", facts.kind.as_str()),
+            KeyValue::new("stratus.upstream.attempt", i64::from(facts.attempt)),
+        ];
+        if facts.attempt > 1 {
+            attrs.push(KeyValue::new("http.request.resend_count", i64::from(facts.attempt - 1)));
+        }
+        let span = tracer
+            .span_builder(span_name(facts.method))
+            .with_kind(SpanKind::Client)
+            .with_attributes(attrs)
+            .start_with_context(tracer, &self.cx);
+        AttemptTrace {
+            cx: self.cx.with_span(span),
+            enabled: true,
+        }
+    }
+
+    /// Records a failover: the attempt to `from` failed with `reason`, the next one follows.
+    pub fn failover(&self, from: &str, reason: &str) {
+        if self.enabled {
+            self.cx.span().add_event(
+                "failover",
+                vec![
+                    KeyValue::new("stratus.failover.from", from.to_string()),
+                    KeyValue::new("error.type", reason.to_string()),
+                ],
+            );
+        }
+    }
+
+    /// Ends the SERVER span with what the client got.
+    pub fn finish(&self, facts: &ResponseFacts<'_>) {
+        if !self.enabled {
+            return;
+        }
+        let span = self.cx.span();
+        if facts.status > 0 {
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(facts.status)));
+        }
+        span.set_attribute(KeyValue::new("stratus.cache_status", facts.cache_status.to_string()));
+        span.set_attribute(KeyValue::new("stratus.cache.phase", facts.cache_phase.to_string()));
+        if let Some(wait) = facts.lock_wait {
+            let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+            span.set_attribute(KeyValue::new("stratus.cache.lock_wait_ms", ms));
+            span.add_event(
+                "waited on a coalesced fill",
+                vec![KeyValue::new("stratus.cache.lock_wait_ms", ms)],
+            );
+        }
+        // Server spans: 5xx and aborted connections are errors, 4xx are the client's.
+        if facts.status >= 500 || facts.status == 0 {
+            let error = facts.error.unwrap_or("aborted").to_string();
+            span.set_attribute(KeyValue::new("error.type", error));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+
+    /// The trace id in hex, for log lines (`None` when tracing is off).
+    pub fn trace_id(&self) -> Option<String> {
+        let sc = self.cx.span().span_context().clone();
+        (self.enabled && sc.is_valid()).then(|| sc.trace_id().to_string())
+    }
+
+    /// The SERVER span id in hex, for log lines.
+    pub fn span_id(&self) -> Option<String> {
+        let sc = self.cx.span().span_context().clone();
+        (self.enabled && sc.is_valid()).then(|| sc.span_id().to_string())
+    }
+}
+
+impl AttemptTrace {
+    /// A trace that records nothing.
+    pub fn disabled() -> AttemptTrace {
+        AttemptTrace {
+            cx: Context::new(),
+            enabled: false,
+        }
+    }
+
+    /// `traceparent` / `tracestate` to send with this attempt, whose parent is this CLIENT
+    /// span. Empty when tracing is off: the request then goes out exactly as it would have.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        if self.enabled {
+            propagation::inject(&self.cx)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Ends the CLIENT span with the upstream's status.
+    pub fn answered(&self, status: u16) {
+        if !self.enabled {
+            return;
+        }
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        // Client spans: 4xx and 5xx are errors.
+        if status >= 400 {
+            span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+
+    /// Ends the CLIENT span as failed before a response.
+    pub fn failed(&self, error_type: &str) {
+        if !self.enabled {
+            return;
+        }
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("error.type", error_type.to_string()));
+        span.set_status(Status::error(""));
+        span.end();
+    }
+}
