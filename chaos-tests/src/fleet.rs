@@ -19,6 +19,8 @@ pub struct FleetSpec {
     pub origins: Vec<OriginEntry>,
     /// Extra `[tier]` lines for lower nodes (e.g. `on_all_upper_down = "origin"`).
     pub lower_tier_extra: String,
+    /// Appended to every node's config (e.g. a `[tracing]` table).
+    pub common_extra: String,
 }
 
 /// Running upper and lower nodes. Every process is killed when this drops.
@@ -42,7 +44,8 @@ impl Fleet {
             let name = format!("up-{}", i + 1);
             let toml = format!(
                 "[node]\nname = \"{name}\"\nrole = \"upper\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
-                 [tier]\nsecret = \"{TEST_SECRET}\"\n\n{origins}"
+                 [tier]\nsecret = \"{TEST_SECRET}\"\n\n{origins}\n{}",
+                spec.common_extra
             );
             uppers.push(NodeProcess::start_with(bin, &name, *listen, *admin, &toml).await?);
         }
@@ -57,8 +60,9 @@ impl Fleet {
             let name = format!("edge-{}", i + 1);
             let toml = format!(
                 "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
-                 [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\nprobe_interval = \"200ms\"\nconnect_timeout = \"300ms\"\nread_timeout = \"3s\"\n{}\n\n{origins}",
-                spec.lower_tier_extra
+                 [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\nprobe_interval = \"200ms\"\nconnect_timeout = \"300ms\"\nread_timeout = \"3s\"\n{}\n\n{origins}\n{}",
+                spec.lower_tier_extra,
+                spec.common_extra
             );
             lowers.push(NodeProcess::start_with(bin, &name, listen, admin, &toml).await?);
         }

@@ -5,11 +5,13 @@
 //! started when the handle drops. Fault scenarios for the fleet build on it.
 
 pub mod client;
+pub mod collector;
 pub mod fleet;
 pub mod node;
 pub mod origin;
 
 pub use client::Response;
+pub use collector::{CollectorMode, ReceivedSpan, TestCollector};
 pub use fleet::{Fleet, FleetSpec, TEST_SECRET};
 pub use node::{free_port, NodeProcess, OriginEntry};
 pub use origin::{Gate, Reply, SeenRequest, TestOrigin};

@@ -140,7 +140,10 @@ fn main() -> ExitCode {
                 upgrade_sock,
             };
             match server::build(cfg, &opts) {
-                Ok(server) => server.run_forever(),
+                Ok(node) => {
+                    node.run();
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("{}: {e:#}", config.display());
                     ExitCode::from(EXIT_RUNTIME)

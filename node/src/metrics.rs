@@ -22,6 +22,7 @@ pub struct Metrics {
     pub spans_dropped: IntCounter,
     cache_objects: IntGauge,
     cache_bytes: IntGauge,
+    telemetry: parking_lot::Mutex<Option<stratus_tracing::Telemetry>>,
 }
 
 impl Metrics {
@@ -78,11 +79,24 @@ impl Metrics {
             spans_dropped,
             cache_objects,
             cache_bytes,
+            telemetry: parking_lot::Mutex::new(None),
         })
     }
 
-    /// The Prometheus text exposition, with store gauges read now.
+    /// Reports the span-drop count of `telemetry` as `stratus_spans_dropped_total`.
+    pub fn watch_spans(&self, telemetry: stratus_tracing::Telemetry) {
+        *self.telemetry.lock() = Some(telemetry);
+    }
+
+    /// The Prometheus text exposition, with store gauges and the span-drop count read now.
     pub fn render(&self, store: &Store) -> String {
+        if let Some(t) = self.telemetry.lock().as_ref() {
+            let dropped = t.dropped_spans();
+            let seen = self.spans_dropped.get();
+            if dropped > seen {
+                self.spans_dropped.inc_by(dropped - seen);
+            }
+        }
         let usage = store.usage();
         self.cache_objects
             .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));

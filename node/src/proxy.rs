@@ -27,6 +27,10 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use stratus_tiering::{route, ContextError, ControlContext, MemberId, Outcome, RequestLine, Route};
 
+use stratus_tracing::{
+    AttemptFacts, AttemptTrace, RequestFacts, RequestTrace, ResponseFacts, Telemetry, UpstreamKind,
+};
+
 use crate::cache_status::{self, CacheOutcome};
 use crate::config::{normalize_host, AllUpperDown, Config, Role};
 use crate::errors::{
@@ -95,6 +99,29 @@ pub struct Ctx {
     pub request: Option<RequestContext>,
     /// Mutable progress.
     pub progress: Progress,
+    /// The observer's own state: spans. Fed `&` facts only; it never sees `request`.
+    pub trace: TraceState,
+}
+
+/// Spans of one request, owned by the node and fed read-only facts.
+#[derive(Debug)]
+pub struct TraceState {
+    /// The SERVER span.
+    pub request: RequestTrace,
+    /// The CLIENT span of the current upstream attempt.
+    pub attempt: Option<AttemptTrace>,
+    /// This node's `Cache-Status` entry, once the response is known.
+    pub cache_status: String,
+}
+
+impl Default for TraceState {
+    fn default() -> Self {
+        TraceState {
+            request: RequestTrace::disabled(),
+            attempt: None,
+            cache_status: String::new(),
+        }
+    }
 }
 
 /// Shared state of one node's proxy.
@@ -103,6 +130,7 @@ pub struct Proxy {
     store: &'static Store,
     metrics: Arc<Metrics>,
     tier: Option<Arc<Tier>>,
+    telemetry: Telemetry,
     predictor: &'static Predictor<16>,
     lock: &'static CacheKeyLockImpl,
 }
@@ -114,6 +142,7 @@ impl Proxy {
         store: &'static Store,
         metrics: Arc<Metrics>,
         tier: Option<Arc<Tier>>,
+        telemetry: Telemetry,
     ) -> Proxy {
         let predictor: &'static Predictor<16> =
             Box::leak(Box::new(Predictor::new(PREDICTOR_SHARD_CAPACITY, None)));
@@ -124,8 +153,65 @@ impl Proxy {
             store,
             metrics,
             tier,
+            telemetry,
             predictor,
             lock,
+        }
+    }
+
+    /// Starts the SERVER span from read-only facts about the request.
+    fn start_trace(&self, session: &Session, request: Option<&RequestContext>) -> RequestTrace {
+        if !self.telemetry.is_enabled() {
+            return RequestTrace::disabled();
+        }
+        let req = session.req_header();
+        let peer = session.client_addr().map(|a| a.to_string());
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let facts = RequestFacts {
+            node: &self.config.node.name,
+            tier: self.config.node.role.as_str(),
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            query: req.uri.query(),
+            host: request.map(|r| r.host.as_str()).or_else(|| header("host")),
+            user_agent: header("user-agent"),
+            peer: peer.as_deref(),
+            request_id: request.map(|r| r.id.as_str()),
+        };
+        self.telemetry.start_request(&req.headers, &facts)
+    }
+
+    /// Starts the CLIENT span of the attempt just recorded in `ctx.progress.attempts`.
+    fn start_attempt(&self, ctx: &mut Ctx, kind: UpstreamKind, address: &str, port: u16) {
+        if !self.telemetry.is_enabled() {
+            return;
+        }
+        let Some(r) = ctx.request.as_ref() else {
+            return;
+        };
+        let url = format!("http://{}{}", r.host, r.path_and_query);
+        let facts = AttemptFacts {
+            kind,
+            attempt: u32::try_from(ctx.progress.attempts.len()).unwrap_or(u32::MAX),
+            method: if r.method_cacheable { "GET" } else { "HTTP" },
+            server_address: address,
+            server_port: port,
+            url_full: &url,
+        };
+        ctx.trace.attempt = Some(ctx.trace.request.start_attempt(&self.telemetry, &facts));
+    }
+
+    /// Ends the current attempt's CLIENT span as failed and notes the failover, if any.
+    fn trace_failed_attempt(&self, ctx: &mut Ctx, error_type: &str, retrying: bool) {
+        if let Some(attempt) = ctx.trace.attempt.take() {
+            attempt.failed(error_type);
+            if retrying {
+                let from = match ctx.progress.attempts.last() {
+                    Some(Hop::Upper(_, addr)) => addr.to_string(),
+                    _ => "origin".to_string(),
+                };
+                ctx.trace.request.failover(&from, error_type);
+            }
         }
     }
 
@@ -417,6 +503,11 @@ async fn resolve(address: &str) -> Result<SocketAddr> {
     addrs.next().ok_or_else(|| dns_error("no addresses".into()))
 }
 
+/// The `error.type` of a failure, named like the `Cache-Status` details.
+fn error_type(e: &Error) -> &'static str {
+    Generated::from_proxy_error(e).map_or("client-gone", Generated::detail)
+}
+
 fn internal(what: &'static str) -> Box<Error> {
     Error::explain(ErrorType::InternalError, what)
 }
@@ -437,12 +528,14 @@ impl ProxyHttp for Proxy {
             self.health(session).await?;
             return Ok(true);
         }
-        match admit(
+        let admitted = admit(
             &self.config,
             self.tier.as_deref(),
             session.req_header(),
             SystemTime::now(),
-        ) {
+        );
+        ctx.trace.request = self.start_trace(session, admitted.as_ref().ok());
+        match admitted {
             Ok(request) => {
                 if self.config.node.role == Role::Upper
                     && session.req_header().method.as_str() == "PURGE"
@@ -546,6 +639,12 @@ impl ProxyHttp for Proxy {
                     .map(|m| m.addr)
                     .ok_or_else(|| internal("route names an unknown member"))?;
                 ctx.progress.attempts.push(Hop::Upper(id, addr));
+                self.start_attempt(
+                    ctx,
+                    UpstreamKind::Upper,
+                    &addr.ip().to_string(),
+                    addr.port(),
+                );
                 let mut peer = HttpPeer::new(addr, false, String::new());
                 peer.options.connection_timeout = Some(tier.settings.connect_timeout);
                 peer.options.read_timeout = Some(tier.settings.read_timeout);
@@ -571,10 +670,23 @@ impl ProxyHttp for Proxy {
             .origins
             .get(r.origin)
             .ok_or_else(|| internal("origin index out of range"))?;
-        let addr = resolve(&origin.address).await?;
-        let mut peer = HttpPeer::new(addr, origin.tls, r.host.clone());
-        peer.options.connection_timeout = Some(origin.connect_timeout);
-        peer.options.read_timeout = Some(origin.read_timeout);
+        let (tls, host, address) = (origin.tls, r.host.clone(), origin.address.clone());
+        let (connect_timeout, read_timeout) = (origin.connect_timeout, origin.read_timeout);
+        let port = address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(80);
+        self.start_attempt(ctx, UpstreamKind::Origin, &host, port);
+        let addr = match resolve(&address).await {
+            Ok(addr) => addr,
+            Err(e) => {
+                self.trace_failed_attempt(ctx, "dns", false);
+                return Err(e);
+            }
+        };
+        let mut peer = HttpPeer::new(addr, tls, host);
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.read_timeout = Some(read_timeout);
         self.metrics.origin_requests.inc();
         Ok(Box::new(peer))
     }
@@ -606,6 +718,13 @@ impl ProxyHttp for Proxy {
             let value = control.encode(&tier.secret, line);
             upstream.insert_header(CONTROL_HEADER, value)?;
         }
+        // Tracing contributes only these pairs (none when it is off); they replace the
+        // caller's traceparent/tracestate so the next hop's parent is our CLIENT span.
+        if let Some(attempt) = &ctx.trace.attempt {
+            for (name, value) in attempt.headers() {
+                upstream.insert_header(name, value)?;
+            }
+        }
         Ok(())
     }
 
@@ -624,6 +743,7 @@ impl ProxyHttp for Proxy {
             if member_generated && blames_member(status) {
                 self.report(ctx, Outcome::MemberError);
                 let retry = self.has_next_hop(ctx);
+                self.trace_failed_attempt(ctx, "member_error", retry);
                 return Err(upstream_error(
                     UPPER_REFUSED,
                     format!("upper member answered {status} about itself"),
@@ -633,6 +753,9 @@ impl ProxyHttp for Proxy {
             self.report(ctx, Outcome::Answered);
         }
         ctx.progress.upstream_status = Some(status);
+        if let Some(attempt) = ctx.trace.attempt.take() {
+            attempt.answered(status);
+        }
         Ok(())
     }
 
@@ -655,6 +778,7 @@ impl ProxyHttp for Proxy {
             }
         }
         let ours = cache_status::entry(&self.config.node.name, &outcome);
+        ctx.trace.cache_status.clone_from(&ours);
         if cache_status::served_from_cache(outcome.phase) {
             // Upstream entries stored with the object describe its fill, not this response.
             resp.remove_header("cache-status");
@@ -690,6 +814,8 @@ impl ProxyHttp for Proxy {
             self.report(ctx, outcome);
             e.set_retry(self.has_next_hop(ctx));
         }
+        let retrying = e.retry();
+        self.trace_failed_attempt(ctx, error_type(&e), retrying);
         e
     }
 
@@ -724,7 +850,18 @@ impl ProxyHttp for Proxy {
         if !idempotent || session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
         }
+        let retrying = e.retry();
+        self.trace_failed_attempt(ctx, error_type(&e), retrying);
         e
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        // Pingora's per-request error lines carry this: add the trace to find them in Jaeger.
+        let base = session.as_ref().request_summary();
+        match (ctx.trace.request.trace_id(), ctx.trace.request.span_id()) {
+            (Some(t), Some(s)) => format!("{base}, trace_id: {t}, span_id: {s}"),
+            _ => base,
+        }
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -746,12 +883,35 @@ impl ProxyHttp for Proxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let code = session.response_written().map_or(0, |r| r.status.as_u16());
         let cache = match (ctx.progress.generated, session.cache.phase()) {
             (Some(_), _) => "generated",
             (None, phase) => phase.as_str(),
         };
+        if let Some(attempt) = ctx.trace.attempt.take() {
+            // The attempt ended without a response (e.g. the client went away).
+            attempt.failed(e.map_or("aborted", error_type));
+        }
+        let generated_entry;
+        let cache_status = match ctx.progress.generated {
+            Some(g) if ctx.trace.cache_status.is_empty() => {
+                generated_entry = cache_status::generated(&self.config.node.name, g);
+                generated_entry.as_str()
+            }
+            _ => ctx.trace.cache_status.as_str(),
+        };
+        ctx.trace.request.finish(&ResponseFacts {
+            status: code,
+            cache_status,
+            cache_phase: cache,
+            lock_wait: session.cache.lock_duration(),
+            error: ctx
+                .progress
+                .generated
+                .map(Generated::detail)
+                .or(e.map(error_type)),
+        });
         let code = code.to_string();
         self.metrics
             .requests

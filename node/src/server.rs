@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
+use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::listening::Service;
+use std::time::Duration;
+use stratus_tracing::{ExportSettings, Telemetry};
 
 use crate::admin::Admin;
 use crate::config::Config;
@@ -25,8 +27,42 @@ pub struct RunOptions {
     pub upgrade_sock: Option<String>,
 }
 
-/// Builds the pingora server for `config`. Binds nothing until it runs.
-pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
+/// A built node: the pingora server and the telemetry to flush when it stops.
+pub struct Node {
+    /// The pingora server.
+    pub server: Server,
+    /// Span export, flushed after the server stops.
+    pub telemetry: Telemetry,
+}
+
+impl Node {
+    /// Runs until SIGTERM (graceful) or SIGINT, then flushes spans within a bounded time.
+    pub fn run(self) {
+        self.server.run(RunArgs::default());
+        self.telemetry.shutdown(SHUTDOWN_FLUSH);
+    }
+}
+
+/// How long shutdown waits for the last spans to export.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+/// The node's telemetry from `[tracing]`: off without an endpoint.
+pub fn telemetry(config: &Config) -> anyhow::Result<Telemetry> {
+    let Some(endpoint) = &config.tracing.otlp_endpoint else {
+        return Ok(Telemetry::disabled());
+    };
+    let mut settings = ExportSettings::new(
+        endpoint.clone(),
+        config.tracing.sample_ratio,
+        config.node.name.clone(),
+    );
+    settings.queue_size = config.tracing.queue_size;
+    settings.export_timeout = config.tracing.export_timeout;
+    Ok(Telemetry::otlp(&settings)?)
+}
+
+/// Builds the node for `config`. Binds nothing until it runs.
+pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     let config = Arc::new(config);
     let conf = ServerConf {
         threads: config.node.threads,
@@ -50,7 +86,16 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
     let metrics = Arc::new(Metrics::new()?);
 
     let tier = Tier::from_config(&config)?;
-    let proxy = Proxy::new(config.clone(), store, metrics.clone(), tier.clone());
+    // Built after bootstrap; stratus never daemonizes, so the export thread survives.
+    let telemetry = telemetry(&config)?;
+    metrics.watch_spans(telemetry.clone());
+    let proxy = Proxy::new(
+        config.clone(),
+        store,
+        metrics.clone(),
+        tier.clone(),
+        telemetry.clone(),
+    );
     let mut proxy_service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "stratus-proxy");
     proxy_service.add_tcp(&config.node.listen.to_string());
@@ -67,5 +112,5 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Server> {
             HealthTask::new(tier, metrics),
         ));
     }
-    Ok(server)
+    Ok(Node { server, telemetry })
 }

@@ -27,6 +27,7 @@ async fn start_fleet(lowers: usize, uppers: usize, extra: &str) -> (TestOrigin, 
         uppers,
         origins: vec![OriginEntry::new(HOST, origin.addr())],
         lower_tier_extra: extra.to_string(),
+        common_extra: String::new(),
     };
     let fleet = Fleet::start(bin(), &spec).await.expect("fleet starts");
     (origin, fleet)

@@ -15,8 +15,8 @@ use opentelemetry::Context;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, Span,
-    SpanData, SpanExporter, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, Span, SpanData,
+    SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 
@@ -42,7 +42,11 @@ pub struct ExportSettings {
 impl ExportSettings {
     /// Defaults for `endpoint`: 8192 spans in flight, batches of 512 every second, 2 s export
     /// timeout.
-    pub fn new(endpoint: impl Into<String>, sample_ratio: f64, instance: impl Into<String>) -> ExportSettings {
+    pub fn new(
+        endpoint: impl Into<String>,
+        sample_ratio: f64,
+        instance: impl Into<String>,
+    ) -> ExportSettings {
         ExportSettings {
             endpoint: endpoint.into(),
             sample_ratio,
@@ -102,7 +106,10 @@ impl Telemetry {
     }
 
     /// Tracing on with any exporter (tests use in-memory, failing and blocking ones).
-    pub fn with_exporter<E: SpanExporter + 'static>(exporter: E, settings: &ExportSettings) -> Telemetry {
+    pub fn with_exporter<E: SpanExporter + 'static>(
+        exporter: E,
+        settings: &ExportSettings,
+    ) -> Telemetry {
         let counters = Arc::new(Counters::default());
         let counted = CountedExporter {
             inner: exporter,
@@ -125,7 +132,9 @@ impl Telemetry {
         let ratio = settings.sample_ratio.clamp(0.0, 1.0);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(gate)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                ratio,
+            ))))
             .with_resource(
                 Resource::builder()
                     .with_service_name("stratus")
@@ -195,7 +204,9 @@ impl<P: SpanProcessor> SpanProcessor for Gate<P> {
         let admitted = self
             .counters
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.cap).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
             .is_ok();
         if admitted {
             self.next.on_end(span);
@@ -231,7 +242,9 @@ impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
         let _ = self
             .counters
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            });
         result
     }
 

@@ -47,7 +47,11 @@ fn span_name(method: &str) -> &'static str {
 impl Telemetry {
     /// Starts the SERVER span for a request, continuing the caller's trace when `incoming`
     /// carries a valid `traceparent`.
-    pub fn start_request(&self, incoming: &http::HeaderMap, facts: &RequestFacts<'_>) -> RequestTrace {
+    pub fn start_request(
+        &self,
+        incoming: &http::HeaderMap,
+        facts: &RequestFacts<'_>,
+    ) -> RequestTrace {
         let Some(tracer) = self.tracer() else {
             return RequestTrace {
                 cx: Context::new(),
@@ -115,7 +119,10 @@ impl RequestTrace {
             KeyValue::new("stratus.upstream.attempt", i64::from(facts.attempt)),
         ];
         if facts.attempt > 1 {
-            attrs.push(KeyValue::new("http.request.resend_count", i64::from(facts.attempt - 1)));
+            attrs.push(KeyValue::new(
+                "http.request.resend_count",
+                i64::from(facts.attempt - 1),
+            ));
         }
         let span = tracer
             .span_builder(span_name(facts.method))
@@ -148,10 +155,19 @@ impl RequestTrace {
         }
         let span = self.cx.span();
         if facts.status > 0 {
-            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(facts.status)));
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(facts.status),
+            ));
         }
-        span.set_attribute(KeyValue::new("stratus.cache_status", facts.cache_status.to_string()));
-        span.set_attribute(KeyValue::new("stratus.cache.phase", facts.cache_phase.to_string()));
+        span.set_attribute(KeyValue::new(
+            "stratus.cache_status",
+            facts.cache_status.to_string(),
+        ));
+        span.set_attribute(KeyValue::new(
+            "stratus.cache.phase",
+            facts.cache_phase.to_string(),
+        ));
         if let Some(wait) = facts.lock_wait {
             let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
             span.set_attribute(KeyValue::new("stratus.cache.lock_wait_ms", ms));
@@ -207,7 +223,10 @@ impl AttemptTrace {
             return;
         }
         let span = self.cx.span();
-        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
         // Client spans: 4xx and 5xx are errors.
         if status >= 400 {
             span.set_attribute(KeyValue::new("error.type", status.to_string()));

@@ -60,7 +60,10 @@ fn headers(traceparent: Option<&str>) -> http::HeaderMap {
 }
 
 fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a opentelemetry::Value> {
-    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| &kv.value)
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| &kv.value)
 }
 
 #[test]
@@ -78,31 +81,69 @@ fn one_server_span_and_one_client_span_per_attempt() {
     second.answered(200);
     req.finish(&response(200));
     t.flush();
-    assert_eq!(incoming, before, "observing a request never changes its headers");
+    assert_eq!(
+        incoming, before,
+        "observing a request never changes its headers"
+    );
 
     let spans = mem.get_finished_spans().expect("spans");
     assert_eq!(spans.len(), 3);
-    let server = spans.iter().find(|s| s.span_kind == SpanKind::Server).expect("server span");
-    let clients: Vec<_> = spans.iter().filter(|s| s.span_kind == SpanKind::Client).collect();
+    let server = spans
+        .iter()
+        .find(|s| s.span_kind == SpanKind::Server)
+        .expect("server span");
+    let clients: Vec<_> = spans
+        .iter()
+        .filter(|s| s.span_kind == SpanKind::Client)
+        .collect();
     assert_eq!(clients.len(), 2);
     assert_eq!(server.name, "GET");
-    assert_eq!(server.span_context.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(
+        server.span_context.trace_id().to_string(),
+        "0af7651916cd43dd8448eb211c80319c"
+    );
     assert_eq!(server.parent_span_id.to_string(), "b7ad6b7169203331");
     assert!(server.parent_span_is_remote);
     for c in &clients {
         assert_eq!(c.parent_span_id, server.span_context.span_id());
         assert_eq!(c.span_context.trace_id(), server.span_context.trace_id());
-        assert_eq!(attr(c, "stratus.upstream.kind").map(|v| v.as_str().into_owned()), Some("upper".into()));
+        assert_eq!(
+            attr(c, "stratus.upstream.kind").map(|v| v.as_str().into_owned()),
+            Some("upper".into())
+        );
     }
     assert!(matches!(clients[0].status, Status::Error { .. }));
-    assert_eq!(attr(server, "stratus.cache_status").map(|v| v.as_str().into_owned()), Some("edge-1; fwd=uri-miss; stored".into()));
-    assert_eq!(attr(server, "http.response.status_code"), Some(&opentelemetry::Value::I64(200)));
-    assert_eq!(attr(server, "stratus.node").map(|v| v.as_str().into_owned()), Some("edge-1".into()));
+    assert_eq!(
+        attr(server, "stratus.cache_status").map(|v| v.as_str().into_owned()),
+        Some("edge-1; fwd=uri-miss; stored".into())
+    );
+    assert_eq!(
+        attr(server, "http.response.status_code"),
+        Some(&opentelemetry::Value::I64(200))
+    );
+    assert_eq!(
+        attr(server, "stratus.node").map(|v| v.as_str().into_owned()),
+        Some("edge-1".into())
+    );
     assert_eq!(server.events.len(), 2, "failover and lock-wait events");
     // The next hop's parent is the second CLIENT span.
-    let second_span = clients.iter().find(|c| attr(c, "stratus.upstream.attempt") == Some(&opentelemetry::Value::I64(2))).expect("second");
-    let tp = sent.iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.clone()).expect("traceparent sent");
-    assert_eq!(tp, format!("00-{}-{}-01", second_span.span_context.trace_id(), second_span.span_context.span_id()));
+    let second_span = clients
+        .iter()
+        .find(|c| attr(c, "stratus.upstream.attempt") == Some(&opentelemetry::Value::I64(2)))
+        .expect("second");
+    let tp = sent
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone())
+        .expect("traceparent sent");
+    assert_eq!(
+        tp,
+        format!(
+            "00-{}-{}-01",
+            second_span.span_context.trace_id(),
+            second_span.span_context.span_id()
+        )
+    );
 }
 
 #[test]
@@ -127,7 +168,11 @@ fn unsampled_traces_export_nothing_but_still_propagate() {
     req.finish(&response(200));
     t.flush();
     assert!(mem.get_finished_spans().expect("spans").is_empty());
-    let tp = sent.iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v.clone()).expect("traceparent");
+    let tp = sent
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone())
+        .expect("traceparent");
     assert!(tp.ends_with("-00"), "unsampled flag propagates: {tp}");
 }
 
@@ -135,7 +180,11 @@ fn unsampled_traces_export_nothing_but_still_propagate() {
 fn invalid_traceparent_starts_a_new_trace() {
     let mem = InMemorySpanExporter::default();
     let t = Telemetry::with_exporter(mem.clone(), &settings(1.0));
-    for bad in ["garbage", "00-00000000000000000000000000000000-b7ad6b7169203331-01", "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"] {
+    for bad in [
+        "garbage",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ] {
         let req = t.start_request(&headers(Some(bad)), &request());
         req.finish(&response(200));
     }
@@ -166,7 +215,15 @@ fn a_blocked_exporter_drops_and_counts_instead_of_growing() {
         let req = t.start_request(&headers(None), &request());
         req.finish(&response(200));
     }
-    assert!(t.spans_in_flight() <= 64, "in flight {}", t.spans_in_flight());
-    assert!(t.dropped_spans() >= 1000 - 64, "dropped {}", t.dropped_spans());
+    assert!(
+        t.spans_in_flight() <= 64,
+        "in flight {}",
+        t.spans_in_flight()
+    );
+    assert!(
+        t.dropped_spans() >= 1000 - 64,
+        "dropped {}",
+        t.dropped_spans()
+    );
     t.shutdown(Duration::from_millis(100));
 }
