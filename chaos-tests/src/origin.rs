@@ -172,6 +172,16 @@ impl TestOrigin {
         self.routes.lock().insert(path.to_string(), Arc::new(f));
     }
 
+    /// Answers every path without a route of its own with `f`.
+    pub fn fallback(&self, f: impl Fn(&SeenRequest, usize) -> Reply + Send + Sync + 'static) {
+        self.routes.lock().insert(FALLBACK.to_string(), Arc::new(f));
+    }
+
+    /// Every request that arrived, in order.
+    pub fn all_requests(&self) -> Vec<SeenRequest> {
+        self.seen.lock().clone()
+    }
+
     /// Answers `path` with the same reply every time.
     pub fn fixed(&self, path: &str, reply: Reply) {
         self.route(path, move |_, _| reply.clone());
@@ -203,6 +213,9 @@ impl Drop for TestOrigin {
         self.stop();
     }
 }
+
+/// The route key of the fallback handler (not a valid request path).
+const FALLBACK: &str = "*fallback*";
 
 /// Upper bound on a request head the origin will read.
 const MAX_HEAD: usize = 64 * 1024;
@@ -261,7 +274,13 @@ async fn serve(
         }
         buf.drain(..head_len + body_len);
 
-        let route = routes.lock().get(&req.path).cloned();
+        let route = {
+            let routes = routes.lock();
+            routes
+                .get(&req.path)
+                .or_else(|| routes.get(FALLBACK))
+                .cloned()
+        };
         let nth = {
             let mut seen = seen.lock();
             let nth = seen.iter().filter(|r| r.path == req.path).count();

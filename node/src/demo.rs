@@ -152,6 +152,62 @@ async fn origin_connection(mut stream: TcpStream) {
     }
 }
 
+/// Accepts OTLP/HTTP exports (`POST /v1/traces`) and discards them with a 200: a stand-in
+/// collector for load benchmarks of the export path. It reads bodies fully, like a collector.
+pub async fn serve_otlp_sink(listener: TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(sink_connection(stream));
+    }
+}
+
+async fn sink_connection(mut stream: TcpStream) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let (head, body) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let len = req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| {
+                            std::str::from_utf8(h.value)
+                                .ok()?
+                                .trim()
+                                .parse::<usize>()
+                                .ok()
+                        })
+                        .unwrap_or(0);
+                    break (n, len);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                    let mut chunk = [0u8; 8192];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                _ => return,
+            }
+        };
+        while buf.len() < head + body {
+            let mut chunk = [0u8; 65536];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head + body);
+        let answer =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A node the demo started.
 struct DemoNode {
     name: String,
@@ -271,12 +327,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         rand::random::<u128>(),
         rand::random::<u128>()
     );
-    let upper_tier = format!("[tier]\nsecret = \"{secret}\"\n");
+    // Tracing goes into every node's config; [tracing] is a table of its own, so it can
+    // follow the [tier] lines.
+    let tracing = match &opts.otlp {
+        Some(url) => format!("\n[tracing]\notlp_endpoint = \"{url}\"\nsample_ratio = 1.0\n"),
+        None => String::new(),
+    };
+    let upper_tier = format!("[tier]\nsecret = \"{secret}\"\n{tracing}");
     let members: Vec<String> = (0..UPPER_NODES)
         .map(|i| format!("\"{}\"", at(4 + i)))
         .collect();
     let lower_tier = format!(
-        "[tier]\nsecret = \"{secret}\"\nupper = [{}]\n",
+        "[tier]\nsecret = \"{secret}\"\nupper = [{}]\n{tracing}",
         members.join(", ")
     );
     let mut plan = Vec::new();
@@ -331,10 +393,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     for n in &nodes {
         println!("admin: http://{}/", n.admin);
     }
-    if let Some(otlp) = &opts.otlp {
-        println!(
-            "note: tracing export to {otlp} arrives with the tracing work; no spans are sent yet"
-        );
+    match &opts.otlp {
+        Some(otlp) => println!("traces: every node exports to {otlp} (OTLP/HTTP, service \"stratus\")"),
+        None => println!(
+            "traces: off; start Jaeger all-in-one and rerun with --otlp http://127.0.0.1:4318 (no local Jaeger UI is bundled yet)"
+        ),
     }
     let first_lower = nodes
         .iter()

@@ -59,6 +59,39 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// An OTLP/HTTP receiver that discards spans, for load benchmarks of the export path.
+    #[command(hide = true)]
+    OtlpSink {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+/// The helper servers behind hidden commands, for benchmarks.
+enum Helper {
+    DemoOrigin,
+    OtlpSink,
+}
+
+fn serve_helper(listen: std::net::SocketAddr, helper: Helper) -> ExitCode {
+    let served = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind(listen).await?;
+            match helper {
+                Helper::DemoOrigin => stratus_node::demo::serve_origin(l).await,
+                Helper::OtlpSink => stratus_node::demo::serve_otlp_sink(l).await,
+            }
+            Ok(())
+        })
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stratus: {listen}: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -104,22 +137,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::DemoOrigin { listen } => {
-            let served = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-                rt.block_on(async {
-                    let l = tokio::net::TcpListener::bind(listen).await?;
-                    stratus_node::demo::serve_origin(l).await;
-                    Ok(())
-                })
-            });
-            match served {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("stratus demo-origin: {listen}: {e:#}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
-        }
+        Command::DemoOrigin { listen } => serve_helper(listen, Helper::DemoOrigin),
+        Command::OtlpSink { listen } => serve_helper(listen, Helper::OtlpSink),
         Command::Run {
             config,
             upgrade,
