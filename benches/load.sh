@@ -46,6 +46,7 @@ pin_rest="taskset -c 0"
 if ! command -v taskset >/dev/null 2>&1 || [ "$(nproc)" -lt 2 ]; then pin_node=""; pin_rest=""; fi
 $pin_rest "$bin" demo-origin --listen "127.0.0.1:$base" &
 $pin_node "$bin" run --config "$dir/bench.toml" --upgrade-sock "$dir/up.sock" 2>"$dir/node.log" &
+node_pid=$!
 for _ in $(seq 1 200); do
   curl -sf "http://127.0.0.1:$((base + 2))/healthz" >/dev/null 2>&1 && break
   sleep 0.05
@@ -55,6 +56,13 @@ status=$(curl -si -H 'Host: demo.test' "http://127.0.0.1:$((base + 1))/hello" | 
 echo "warm: $status"
 echo "tracing: $([ "${BENCH_TRACING:-0}" = 1 ] && echo on, sampled 1.0, exporting || echo off)"
 echo "node threads: ${BENCH_THREADS:-1}, wrk: 2 threads, $conns connections, ${secs}s, hot hit on /hello (22-byte body)"
-$pin_rest wrk -t2 -c"$conns" -d"${secs}s" --latency -H 'Host: demo.test' "http://127.0.0.1:$((base + 1))/hello"
+# CPU time of the node process (all its threads, export included), in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+before=$(cpu_ticks "$node_pid")
+$pin_rest wrk -t2 -c"$conns" -d"${secs}s" --latency -H 'Host: demo.test' "http://127.0.0.1:$((base + 1))/hello" | tee "$dir/wrk.out"
+after=$(cpu_ticks "$node_pid")
+requests=$(awk '/requests in/ {print $1}' "$dir/wrk.out")
+hz=$(getconf CLK_TCK)
+awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN { if (n > 0) printf "node CPU per request: %.2f us (%d requests, %.2f s CPU)\n", t / hz * 1e6 / n, n, t / hz }'
 echo "origin requests during the run (should be 1):"
 curl -s "http://127.0.0.1:$((base + 2))/metrics" | grep -E '^stratus_(origin_requests|spans_dropped)_total'

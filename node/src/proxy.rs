@@ -165,7 +165,6 @@ impl Proxy {
             return RequestTrace::disabled();
         }
         let req = session.req_header();
-        let peer = session.client_addr().map(|a| a.to_string());
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
         let facts = RequestFacts {
             node: &self.config.node.name,
@@ -174,8 +173,6 @@ impl Proxy {
             path: req.uri.path(),
             query: req.uri.query(),
             host: request.map(|r| r.host.as_str()).or_else(|| header("host")),
-            user_agent: header("user-agent"),
-            peer: peer.as_deref(),
             request_id: request.map(|r| r.id.as_str()),
         };
         self.telemetry.start_request(&req.headers, &facts)
@@ -904,7 +901,6 @@ impl ProxyHttp for Proxy {
         ctx.trace.request.finish(&ResponseFacts {
             status: code,
             cache_status,
-            cache_phase: cache,
             lock_wait: session.cache.lock_duration(),
             error: ctx
                 .progress

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry::Context;
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
@@ -40,7 +40,7 @@ pub struct ExportSettings {
 }
 
 impl ExportSettings {
-    /// Defaults for `endpoint`: 8192 spans in flight, batches of 512 every second, 2 s export
+    /// Defaults for `endpoint`: 8192 spans in flight, batches of 1024 every second, 2 s export
     /// timeout.
     pub fn new(
         endpoint: impl Into<String>,
@@ -52,7 +52,7 @@ impl ExportSettings {
             sample_ratio,
             instance: instance.into(),
             queue_size: 8192,
-            batch_size: 512,
+            batch_size: 1024,
             scheduled_delay: Duration::from_secs(1),
             export_timeout: Duration::from_secs(2),
         }
@@ -76,6 +76,9 @@ struct Counters {
 /// The node's telemetry: a tracer (or none, when tracing is off) and the drop counter.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
+    /// `stratus.node` and `stratus.tier` of the first facts seen (a node's never change), kept
+    /// as shared strings so a span costs a reference-count bump for them, not two allocations.
+    node_attrs: Arc<std::sync::OnceLock<(String, String, [KeyValue; 2])>>,
     tracer: Option<SdkTracer>,
     provider: Option<SdkTracerProvider>,
     counters: Arc<Counters>,
@@ -85,6 +88,7 @@ impl Telemetry {
     /// Tracing off: every trace records nothing and adds no header.
     pub fn disabled() -> Telemetry {
         Telemetry {
+            node_attrs: Arc::default(),
             tracer: None,
             provider: None,
             counters: Arc::default(),
@@ -138,7 +142,7 @@ impl Telemetry {
             .with_resource(
                 Resource::builder()
                     .with_service_name("stratus")
-                    .with_attribute(opentelemetry::KeyValue::new(
+                    .with_attribute(KeyValue::new(
                         "service.instance.id",
                         settings.instance.clone(),
                     ))
@@ -146,9 +150,34 @@ impl Telemetry {
             )
             .build();
         Telemetry {
+            node_attrs: Arc::default(),
             tracer: Some(provider.tracer("stratus")),
             provider: Some(provider),
             counters,
+        }
+    }
+
+    /// `stratus.node` / `stratus.tier` for `facts`, reusing shared strings when unchanged.
+    pub(crate) fn node_attributes(&self, facts: &crate::RequestFacts<'_>) -> [KeyValue; 2] {
+        let build = || {
+            [
+                KeyValue::new(
+                    "stratus.node",
+                    opentelemetry::StringValue::from(Arc::<str>::from(facts.node)),
+                ),
+                KeyValue::new(
+                    "stratus.tier",
+                    opentelemetry::StringValue::from(Arc::<str>::from(facts.tier)),
+                ),
+            ]
+        };
+        let (node, tier, kvs) = self
+            .node_attrs
+            .get_or_init(|| (facts.node.to_string(), facts.tier.to_string(), build()));
+        if node == facts.node && tier == facts.tier {
+            kvs.clone()
+        } else {
+            build()
         }
     }
 

@@ -37,10 +37,6 @@ pub struct RequestFacts<'a> {
     pub query: Option<&'a str>,
     /// Host the request is for.
     pub host: Option<&'a str>,
-    /// `User-Agent`, if any.
-    pub user_agent: Option<&'a str>,
-    /// TCP peer address.
-    pub peer: Option<&'a str>,
     /// The request id stratus assigned (or received in the control context).
     pub request_id: Option<&'a str>,
 }
@@ -69,8 +65,6 @@ pub struct ResponseFacts<'a> {
     pub status: u16,
     /// This node's `Cache-Status` entry.
     pub cache_status: &'a str,
-    /// pingora's cache phase name (`hit`, `miss`, …).
-    pub cache_phase: &'a str,
     /// How long the request waited on another request's fill.
     pub lock_wait: Option<Duration>,
     /// Error type when stratus generated the response or the connection failed.

@@ -26,6 +26,14 @@ pub struct AttemptTrace {
     enabled: bool,
 }
 
+/// The method as an attribute value; known methods need no allocation.
+fn method_value(method: &str) -> opentelemetry::Value {
+    match span_name(method) {
+        "HTTP" => opentelemetry::Value::from(method.to_string()),
+        known => opentelemetry::Value::from(known),
+    }
+}
+
 /// Span name per the HTTP conventions: the method, or `HTTP` for unknown methods (a CDN has no
 /// routes, and raw paths would explode cardinality).
 fn span_name(method: &str) -> &'static str {
@@ -59,25 +67,23 @@ impl Telemetry {
             };
         };
         let parent = propagation::extract(incoming);
-        let mut attrs = vec![
-            KeyValue::new("http.request.method", facts.method.to_string()),
-            KeyValue::new("url.path", facts.path.to_string()),
-            KeyValue::new("url.scheme", "http"),
-            KeyValue::new("stratus.node", facts.node.to_string()),
-            KeyValue::new("stratus.tier", facts.tier.to_string()),
-        ];
+        let mut attrs = Vec::with_capacity(12);
+        attrs.push(KeyValue::new(
+            "http.request.method",
+            method_value(facts.method),
+        ));
+        attrs.push(KeyValue::new("url.path", facts.path.to_string()));
+        attrs.push(KeyValue::new("url.scheme", "http"));
+        attrs.extend(self.node_attributes(facts));
         if let Some(q) = facts.query {
             attrs.push(KeyValue::new("url.query", q.to_string()));
         }
         if let Some(h) = facts.host {
             attrs.push(KeyValue::new("server.address", h.to_string()));
         }
-        if let Some(ua) = facts.user_agent {
-            attrs.push(KeyValue::new("user_agent.original", ua.to_string()));
-        }
-        if let Some(p) = facts.peer {
-            attrs.push(KeyValue::new("network.peer.address", p.to_string()));
-        }
+        // user_agent.original and network.peer.address (semconv "recommended") are left out:
+        // every attribute costs a conversion and an encoding per exported span, and these two
+        // were a tenth of the hot-hit export cost. The facts carry them for a future opt-in.
         if let Some(id) = facts.request_id {
             attrs.push(KeyValue::new("stratus.request_id", id.to_string()));
         }
@@ -111,7 +117,7 @@ impl RequestTrace {
             };
         };
         let mut attrs = vec![
-            KeyValue::new("http.request.method", facts.method.to_string()),
+            KeyValue::new("http.request.method", method_value(facts.method)),
             KeyValue::new("server.address", facts.server_address.to_string()),
             KeyValue::new("server.port", i64::from(facts.server_port)),
             KeyValue::new("url.full", facts.url_full.to_string()),
@@ -163,10 +169,6 @@ impl RequestTrace {
         span.set_attribute(KeyValue::new(
             "stratus.cache_status",
             facts.cache_status.to_string(),
-        ));
-        span.set_attribute(KeyValue::new(
-            "stratus.cache.phase",
-            facts.cache_phase.to_string(),
         ));
         if let Some(wait) = facts.lock_wait {
             let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);

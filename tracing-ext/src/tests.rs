@@ -24,8 +24,6 @@ fn request() -> RequestFacts<'static> {
         path: "/a",
         query: Some("b=1"),
         host: Some("example.test"),
-        user_agent: Some("curl"),
-        peer: Some("127.0.0.1"),
         request_id: Some("r1"),
     }
 }
@@ -45,7 +43,6 @@ fn response(status: u16) -> ResponseFacts<'static> {
     ResponseFacts {
         status,
         cache_status: "edge-1; fwd=uri-miss; stored",
-        cache_phase: "miss",
         lock_wait: Some(Duration::from_millis(3)),
         error: None,
     }
