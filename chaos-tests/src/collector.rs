@@ -135,9 +135,6 @@ impl Drop for TestCollector {
     }
 }
 
-/// Largest export request read (OTLP batches are far smaller).
-const MAX_BODY: usize = 16 * 1024 * 1024;
-
 async fn serve(
     mut stream: TcpStream,
     mode: CollectorMode,
@@ -145,44 +142,7 @@ async fn serve(
     requests: Arc<Mutex<usize>>,
 ) {
     let mut buf = Vec::new();
-    loop {
-        let (head_len, body_len) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let len = req
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| {
-                            std::str::from_utf8(h.value)
-                                .ok()?
-                                .trim()
-                                .parse::<usize>()
-                                .ok()
-                        })
-                        .unwrap_or(0);
-                    break (n, len.min(MAX_BODY));
-                }
-                Ok(httparse::Status::Partial) => {
-                    let mut chunk = [0u8; 8192];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                Err(_) => return,
-            }
-        };
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 65536];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body: Vec<u8> = buf.drain(..head_len + body_len).skip(head_len).collect();
+    while let Some((_, body)) = crate::wire::read_request(&mut stream, &mut buf).await {
         *requests.lock() += 1;
         match mode {
             CollectorMode::BlackHole => {

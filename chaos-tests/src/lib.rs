@@ -9,6 +9,7 @@ pub mod collector;
 pub mod fleet;
 pub mod node;
 pub mod origin;
+mod wire;
 
 pub use client::Response;
 pub use collector::{CollectorMode, ReceivedSpan, TestCollector};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -217,63 +217,13 @@ impl Drop for TestOrigin {
 /// The route key of the fallback handler (not a valid request path).
 const FALLBACK: &str = "*fallback*";
 
-/// Upper bound on a request head the origin will read.
-const MAX_HEAD: usize = 64 * 1024;
-
 async fn serve(
     mut stream: TcpStream,
     routes: Arc<Mutex<HashMap<String, Route>>>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
 ) {
     let mut buf = Vec::with_capacity(4096);
-    loop {
-        // Read one request head.
-        let (req, head_len, body_len) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut parsed = httparse::Request::new(&mut headers);
-            match parsed.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let headers: Vec<(String, String)> = parsed
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_ascii_lowercase(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect();
-                    let body_len = headers
-                        .iter()
-                        .find(|(k, _)| k == "content-length")
-                        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    let req = SeenRequest {
-                        method: parsed.method.unwrap_or("").to_string(),
-                        path: parsed.path.unwrap_or("").to_string(),
-                        headers,
-                    };
-                    break (req, n, body_len);
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                _ => return,
-            }
-        };
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..head_len + body_len);
-
+    while let Some((req, _body)) = crate::wire::read_request(&mut stream, &mut buf).await {
         let route = {
             let routes = routes.lock();
             routes

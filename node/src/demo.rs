@@ -20,8 +20,10 @@ pub const DEMO_HOST: &str = "demo.test";
 const LOWER_NODES: u16 = 3;
 /// How long a node may take to come up.
 const START_DEADLINE: Duration = Duration::from_secs(30);
-/// Upper bound on a request head the demo origin reads.
+/// Upper bound on a request head the demo servers read.
 const MAX_HEAD: usize = 16 * 1024;
+/// Upper bound on a request body the demo servers read (OTLP batches are far smaller).
+const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// Options of `stratus demo`.
 #[derive(Debug, Clone)]
@@ -106,39 +108,65 @@ pub async fn serve_origin(listener: TcpListener) {
     }
 }
 
+/// One request read off a connection: its method and path; the body is consumed.
+struct Incoming {
+    method: String,
+    path: String,
+}
+
+/// Reads one request (head, then a `Content-Length` body) from `stream`, keeping what follows
+/// in `buf`. `None` when the peer closed, or sent something malformed or oversized.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Incoming> {
+    let (incoming, head, body) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let len = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .unwrap_or(0);
+                let incoming = Incoming {
+                    method: req.method.unwrap_or("GET").to_string(),
+                    path: req.path.unwrap_or("/").to_string(),
+                };
+                break (incoming, n, len.min(MAX_BODY));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            _ => return None,
+        }
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    while buf.len() < head + body {
+        let mut chunk = [0u8; 65536];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf.drain(..head + body);
+    Some(incoming)
+}
+
 async fn origin_connection(mut stream: TcpStream) {
     let mut buf = Vec::with_capacity(2048);
-    loop {
-        let (path, is_head, consumed) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let path = req
-                        .path
-                        .unwrap_or("/")
-                        .split('?')
-                        .next()
-                        .unwrap_or("/")
-                        .to_string();
-                    break (path, req.method == Some("HEAD"), n);
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
-                    let mut chunk = [0u8; 2048];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                _ => return, // malformed or oversized: drop the connection
-            }
-        };
-        buf.drain(..consumed);
-        let (status, headers, body) = demo_response(&path);
-        let mut head = format!(
-            "HTTP/1.1 {status} {}\r\n",
-            if status == 200 { "OK" } else { "Not Found" }
-        );
+    while let Some(req) = read_request(&mut stream, &mut buf).await {
+        let path = req.path.split('?').next().unwrap_or("/");
+        let (status, headers, body) = demo_response(path);
+        let reason = if status == 200 { "OK" } else { "Not Found" };
+        let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
         for (k, v) in &headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -146,7 +174,7 @@ async fn origin_connection(mut stream: TcpStream) {
         if stream.write_all(head.as_bytes()).await.is_err() {
             return;
         }
-        if !is_head && stream.write_all(&body).await.is_err() {
+        if req.method != "HEAD" && stream.write_all(&body).await.is_err() {
             return;
         }
     }
@@ -162,44 +190,7 @@ pub async fn serve_otlp_sink(listener: TcpListener) {
 
 async fn sink_connection(mut stream: TcpStream) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    loop {
-        let (head, body) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let len = req
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| {
-                            std::str::from_utf8(h.value)
-                                .ok()?
-                                .trim()
-                                .parse::<usize>()
-                                .ok()
-                        })
-                        .unwrap_or(0);
-                    break (n, len);
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
-                    let mut chunk = [0u8; 8192];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                _ => return,
-            }
-        };
-        while buf.len() < head + body {
-            let mut chunk = [0u8; 65536];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..head + body);
+    while read_request(&mut stream, &mut buf).await.is_some() {
         let answer =
             b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
         if stream.write_all(answer).await.is_err() {

@@ -261,57 +261,36 @@ impl Proxy {
             self.config.node.name,
             if purged { "purged" } else { "not_found" }
         ));
-        let mut h = ResponseHeader::build(200, Some(3))?;
-        h.insert_header(header::CONTENT_TYPE, "application/json")?;
-        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header(header::CACHE_CONTROL, "no-store")?;
-        session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(body), true).await
+        write_local(session, 200, "application/json", body, &[]).await
     }
 
     /// Answers the data-listener health check; no origin is contacted.
     async fn health(&self, session: &mut Session) -> Result<()> {
-        let body = Bytes::from_static(b"ok\n");
-        let mut h = ResponseHeader::build(200, Some(3))?;
-        h.insert_header(header::CONTENT_TYPE, "text/plain")?;
-        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header(header::CACHE_CONTROL, "no-store")?;
-        let head_only = session.req_header().method == http::Method::HEAD;
-        session
-            .write_response_header(Box::new(h), head_only)
-            .await?;
-        if !head_only {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(())
+        write_local(session, 200, "text/plain", Bytes::from_static(b"ok\n"), &[]).await
     }
 
     /// Writes a generated response with its short body and `Cache-Status` detail.
     async fn respond(&self, session: &mut Session, g: Generated) -> Result<()> {
-        let body = Bytes::from(g.body());
-        let mut h = ResponseHeader::build(g.status(), Some(5))?;
-        h.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-        h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header(header::CACHE_CONTROL, "no-store")?;
-        h.insert_header(
+        let mut extra = vec![(
             "cache-status",
             cache_status::generated(&self.config.node.name, g),
-        )?;
+        )];
         if self.config.node.role == Role::Upper {
-            h.insert_header(GENERATED_HEADER, g.detail())?;
+            extra.push((GENERATED_HEADER, g.detail().to_string()));
         }
         if g.status() == 400 || g.status() == 431 {
             // The framing of what follows on this connection cannot be trusted.
             session.set_keepalive(None);
         }
-        let head_only = session.req_header().method == http::Method::HEAD;
-        session
-            .write_response_header(Box::new(h), head_only)
-            .await?;
-        if !head_only {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(())
+        let body = Bytes::from(g.body());
+        write_local(
+            session,
+            g.status(),
+            "text/plain; charset=utf-8",
+            body,
+            &extra,
+        )
+        .await
     }
 
     fn outcome(&self, session: &Session, ctx: &Ctx) -> CacheOutcome {
@@ -386,11 +365,7 @@ pub fn admit(
                 return Err(Generated::MethodNotAllowed);
             }
             let host = request_host(req)?;
-            let origin = config
-                .origins
-                .iter()
-                .position(|o| o.host == host)
-                .ok_or(Generated::UnknownHost)?;
+            let origin = origin_index(config, &host)?;
             let primary_key = policy::primary_key(&host, &path_and_query);
             let control = tier.filter(|t| t.has_upper()).map(|_| {
                 let key_id = policy::cache_key(&host, &path_and_query).primary();
@@ -431,11 +406,7 @@ pub fn admit(
                     e => Generated::Forbidden(e.detail()),
                 })?;
             let host = control.origin_host().to_string();
-            let origin = config
-                .origins
-                .iter()
-                .position(|o| o.host == host)
-                .ok_or(Generated::UnknownHost)?;
+            let origin = origin_index(config, &host)?;
             let key = policy::cache_key(&host, &path_and_query);
             if key.primary() != control.cache_key() {
                 return Err(Generated::Forbidden("context-key-mismatch"));
@@ -451,6 +422,40 @@ pub fn admit(
             })
         }
     }
+}
+
+/// Writes a small, complete response stratus answers itself: exact length, never stored.
+async fn write_local(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    h.insert_header(header::CONTENT_TYPE, content_type)?;
+    h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    h.insert_header(header::CACHE_CONTROL, "no-store")?;
+    for (name, value) in extra {
+        h.insert_header(*name, value.as_str())?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// Index of the `[[origin]]` serving `host`.
+fn origin_index(config: &Config, host: &str) -> Result<usize, Generated> {
+    config
+        .origins
+        .iter()
+        .position(|o| o.host == host)
+        .ok_or(Generated::UnknownHost)
 }
 
 /// The request's Host (header, else absolute-form authority), normalised.

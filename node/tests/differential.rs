@@ -239,8 +239,11 @@ fn observed_response(r: &client::Response) -> (u16, Vec<(String, String)>, Vec<u
     (r.status, headers, r.body.clone())
 }
 
+/// One request as the origin received it: method, target, headers.
+type Upstream = (String, String, Vec<(String, String)>);
+
 /// What the origin received, minus the trace headers themselves.
-fn observed_upstream(seen: &[SeenRequest]) -> Vec<(String, String, Vec<(String, String)>)> {
+fn observed_upstream(seen: &[SeenRequest]) -> Vec<Upstream> {
     seen.iter()
         .map(|r| {
             let headers = r
