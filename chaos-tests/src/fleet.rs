@@ -17,7 +17,8 @@ pub struct FleetSpec {
     pub uppers: usize,
     /// Origins every node serves.
     pub origins: Vec<OriginEntry>,
-    /// Extra `[tier]` lines for lower nodes (e.g. `on_all_upper_down = "origin"`).
+    /// Extra `[tier]` lines for lower nodes (e.g. `on_all_upper_down = "origin"`). A
+    /// `probe_interval` here replaces the fleet's default of 200 ms.
     pub lower_tier_extra: String,
     /// Appended to every node's config (e.g. a `[tracing]` table).
     pub common_extra: String,
@@ -54,13 +55,18 @@ impl Fleet {
             .map(|(l, _)| format!("\"{l}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        let probe = if spec.lower_tier_extra.contains("probe_interval") {
+            ""
+        } else {
+            "probe_interval = \"200ms\"\n"
+        };
         let mut lowers = Vec::new();
         for i in 0..spec.lowers {
             let (listen, admin) = (free_port()?, free_port()?);
             let name = format!("edge-{}", i + 1);
             let toml = format!(
                 "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
-                 [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\nprobe_interval = \"200ms\"\nconnect_timeout = \"300ms\"\nread_timeout = \"3s\"\n{}\n\n{origins}\n{}",
+                 [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\n{probe}connect_timeout = \"300ms\"\nread_timeout = \"3s\"\n{}\n\n{origins}\n{}",
                 spec.lower_tier_extra,
                 spec.common_extra
             );

@@ -68,6 +68,20 @@ enum Command {
     },
 }
 
+/// Logs go through `tracing` (Pingora's `log` records too, via tracing-subscriber's log bridge)
+/// to stderr, filtered by
+/// `RUST_LOG` (default `warn`). Request log lines carry `trace_id` and `span_id`.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pingora_cache::meta=error"));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// The helper servers behind hidden commands, for benchmarks.
 enum Helper {
     DemoOrigin,
@@ -115,7 +129,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    init_logging();
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(_) => {

@@ -202,13 +202,16 @@ impl Proxy {
     fn trace_failed_attempt(&self, ctx: &mut Ctx, error_type: &str, retrying: bool) {
         if let Some(attempt) = ctx.trace.attempt.take() {
             attempt.failed(error_type);
-            if retrying {
-                let from = match ctx.progress.attempts.last() {
-                    Some(Hop::Upper(_, addr)) => addr.to_string(),
-                    _ => "origin".to_string(),
-                };
-                ctx.trace.request.failover(&from, error_type);
-            }
+        }
+        if retrying {
+            let from = match ctx.progress.attempts.last() {
+                Some(Hop::Upper(_, addr)) => addr.to_string(),
+                _ => "origin".to_string(),
+            };
+            ctx.trace.request.failover(&from, error_type);
+            ctx.trace.request.log_span().in_scope(|| {
+                tracing::warn!(upstream = %from, error = error_type, "upstream attempt failed; trying the next hop");
+            });
         }
     }
 
@@ -875,7 +878,9 @@ impl ProxyHttp for Proxy {
             ctx.progress.generated = Some(g);
             code = g.status();
             if let Err(write_err) = self.respond(session, g).await {
-                log::debug!("could not send {code} to the client: {write_err}");
+                ctx.trace.request.log_span().in_scope(|| {
+                    tracing::debug!(%write_err, "could not send {code} to the client");
+                });
                 code = 0;
             }
         }

@@ -166,7 +166,7 @@ impl HealthTask {
 impl BackgroundService for HealthTask {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let Some((mut book, mut events)) = self.tier.receiver.lock().take() else {
-            log::error!("health task started twice; the first one owns member health");
+            tracing::error!("health task started twice; the first one owns member health");
             return;
         };
         let members: Vec<Member> = book.view().members().to_vec();
@@ -189,7 +189,7 @@ impl BackgroundService for HealthTask {
                 let view = book.view();
                 for (id, m) in view.members().iter().enumerate() {
                     let up = view.is_up(id);
-                    log::warn!(
+                    tracing::warn!(
                         "upper member {} is now {}",
                         m.addr,
                         if up { "up" } else { "down" }

@@ -265,3 +265,84 @@ async fn a_broken_collector_changes_no_response() {
         }
     }
 }
+
+/// A failover shows in the trace (two CLIENT spans, the first an error, and a `failover` event)
+/// and in the lower node's log, whose line names the trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_is_visible_in_the_trace_and_the_log() {
+    let collector = TestCollector::start(CollectorMode::Receive)
+        .await
+        .expect("collector");
+    let origin = TestOrigin::start().await.expect("origin");
+    origin.fallback(|req, _| {
+        Reply::ok(format!("body of {}", req.path)).header("cache-control", "max-age=600")
+    });
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 2,
+        origins: vec![OriginEntry::new(HOST, origin.addr())],
+        lower_tier_extra: "probe_interval = \"1h\"".to_string(),
+        common_extra: tracing_table(&collector.endpoint(), 1.0, 8192),
+    };
+    let mut fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    fleet.uppers[0].kill_hard();
+    let mut failed_over = None;
+    for i in 0..40u32 {
+        let trace = format!("{:032x}", 0xfa11_0000_u64 + u64::from(i));
+        let tp = format!("00-{trace}-{CLIENT_SPAN}-01");
+        let r = client::get(
+            fleet.lowers[0].listen,
+            HOST,
+            &format!("/k{i}"),
+            &[("traceparent", &tp)],
+        )
+        .await
+        .expect("exchange");
+        assert_eq!(r.status, 200, "failover must hide the dead member");
+        if r.cache_status().starts_with("up-2") && fleet.lowers[0].log().contains(&trace) {
+            failed_over = Some(trace);
+            break;
+        }
+    }
+    let trace = failed_over.expect("some key owned by the killed upper failed over");
+    let log = fleet.lowers[0].log();
+    let ours = log
+        .lines()
+        .find(|l| l.contains(&format!("trace_id={trace}")) && l.contains("trying the next hop"));
+    assert!(
+        ours.is_some_and(|l| l.contains("span_id=")),
+        "no failover line naming the trace in:\n{log}"
+    );
+    let pingoras = log
+        .lines()
+        .find(|l| l.contains("Fail to proxy") && l.contains(&format!("trace_id: {trace}")));
+    assert!(
+        pingoras.is_some(),
+        "pingora's error line names the trace too:\n{log}"
+    );
+
+    let found = eventually(Duration::from_secs(15), || async {
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.trace_id == trace && s.instance == "edge-1")
+            .count()
+            >= 3
+    })
+    .await;
+    let spans: Vec<ReceivedSpan> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == trace && s.instance == "edge-1")
+        .collect();
+    assert!(found, "{spans:#?}");
+    let server = by_node(&spans, "edge-1", SERVER)[0];
+    let mut clients = by_node(&spans, "edge-1", CLIENT);
+    clients.sort_by_key(|c| c.attr("stratus.upstream.attempt").map(str::to_string));
+    assert_eq!(clients.len(), 2);
+    assert_eq!(clients[0].status, 2, "the failed attempt is an error");
+    assert_eq!(clients[0].attr("error.type"), Some("connection-refused"));
+    assert_eq!(clients[1].attr("stratus.upstream.attempt"), Some("2"));
+    assert_eq!(clients[1].attr("http.request.resend_count"), Some("1"));
+    assert!(server.events.iter().any(|e| e == "failover"), "{server:?}");
+}

@@ -17,6 +17,7 @@ use crate::propagation;
 pub struct RequestTrace {
     cx: Context,
     enabled: bool,
+    log: tracing::Span,
 }
 
 /// One upstream attempt: a CLIENT span, child of the request's SERVER span.
@@ -61,10 +62,7 @@ impl Telemetry {
         facts: &RequestFacts<'_>,
     ) -> RequestTrace {
         let Some(tracer) = self.tracer() else {
-            return RequestTrace {
-                cx: Context::new(),
-                enabled: false,
-            };
+            return RequestTrace::disabled();
         };
         let parent = propagation::extract(incoming);
         let mut attrs = Vec::with_capacity(12);
@@ -92,9 +90,21 @@ impl Telemetry {
             .with_kind(SpanKind::Server)
             .with_attributes(attrs)
             .start_with_context(tracer, &parent);
+        let cx = parent.with_span(span);
+        let sc = cx.span().span_context().clone();
+        // Log lines written in this span's scope carry the trace: `request{trace_id=… span_id=…}`.
+        // At ERROR level so every log filter short of `off` keeps it (a span's level only
+        // decides whether it is recorded, and an unrecorded span would drop the ids).
+        let log = tracing::error_span!(
+            target: "stratus::request",
+            "request",
+            trace_id = %sc.trace_id(),
+            span_id = %sc.span_id(),
+        );
         RequestTrace {
-            cx: parent.with_span(span),
+            cx,
             enabled: true,
+            log,
         }
     }
 }
@@ -105,7 +115,14 @@ impl RequestTrace {
         RequestTrace {
             cx: Context::new(),
             enabled: false,
+            log: tracing::Span::none(),
         }
+    }
+
+    /// The `tracing` span to write this request's log lines in; its fields are the trace and
+    /// SERVER span ids, so every line logged in its scope names the trace to open in Jaeger.
+    pub fn log_span(&self) -> &tracing::Span {
+        &self.log
     }
 
     /// Starts the CLIENT span for one upstream attempt.
