@@ -47,6 +47,8 @@ pub struct ReceivedSpan {
     pub attributes: Vec<(String, String)>,
     /// Event names.
     pub events: Vec<String>,
+    /// Links as (trace id, span id), hex.
+    pub links: Vec<(String, String)>,
     /// OTLP status code: 0 unset, 1 ok, 2 error.
     pub status: i32,
 }
@@ -181,6 +183,11 @@ async fn serve(
                             kind: span.kind,
                             attributes: attrs(&span.attributes),
                             events: span.events.iter().map(|e| e.name.clone()).collect(),
+                            links: span
+                                .links
+                                .iter()
+                                .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                                .collect(),
                             status: span.status.map_or(0, |s| s.code),
                         });
                     }

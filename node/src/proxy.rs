@@ -28,7 +28,8 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use stratus_tiering::{route, ContextError, ControlContext, MemberId, Outcome, RequestLine, Route};
 
 use stratus_tracing::{
-    AttemptFacts, AttemptTrace, RequestFacts, RequestTrace, ResponseFacts, Telemetry, UpstreamKind,
+    AttemptFacts, AttemptTrace, FillLink, RequestFacts, RequestTrace, ResponseFacts, Telemetry,
+    UpstreamKind,
 };
 
 use crate::cache_status::{self, CacheOutcome};
@@ -48,6 +49,8 @@ pub const CONTROL_HEADER: &str = "stratus-ctx";
 const CDN_LOOP_TOKEN: &str = "stratus";
 /// A request that has passed through stratus this many times is looping.
 const MAX_STRATUS_HOPS: usize = 8;
+/// Fills whose span is remembered for linking coalesced requests.
+const FILL_LINKS: u64 = 65_536;
 /// Uncacheable keys remembered per predictor shard (16 shards).
 const PREDICTOR_SHARD_CAPACITY: usize = 4096;
 
@@ -131,6 +134,9 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     tier: Option<Arc<Tier>>,
     telemetry: Telemetry,
+    /// The SERVER span of the request filling each key, so requests coalesced onto that fill
+    /// can link to it. Bounded, and entries live no longer than a fill may hold the lock.
+    fills: moka::sync::Cache<String, FillLink>,
     predictor: &'static Predictor<16>,
     lock: &'static CacheKeyLockImpl,
 }
@@ -148,10 +154,15 @@ impl Proxy {
             Box::leak(Box::new(Predictor::new(PREDICTOR_SHARD_CAPACITY, None)));
         let lock: &'static CacheKeyLockImpl =
             Box::leak(CacheLock::new_boxed(config.cache.lock_age_timeout));
+        let fills = moka::sync::Cache::builder()
+            .max_capacity(FILL_LINKS)
+            .time_to_live(config.cache.lock_age_timeout)
+            .build();
         Proxy {
             config,
             store,
             metrics,
+            fills,
             tier,
             telemetry,
             predictor,
@@ -620,12 +631,18 @@ impl ProxyHttp for Proxy {
         error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let r = ctx
             .request
             .as_ref()
             .ok_or_else(|| internal("upstream without context"))?;
         ctx.progress.upstream_status = None;
+        if ctx.progress.attempts.is_empty() && matches!(session.cache.phase(), CachePhase::Miss) {
+            // This request fills the key; requests coalesced onto it will link to its span.
+            if let Some(link) = ctx.trace.request.fill_link() {
+                self.fills.insert(r.primary_key.clone(), link);
+            }
+        }
         if let Some(tier) = self.lower_tier() {
             let route = ctx.progress.route.get_or_insert_with(|| {
                 route(r.primary_key.as_bytes(), &tier.view(), MAX_UPPER_ATTEMPTS)
@@ -899,6 +916,15 @@ impl ProxyHttp for Proxy {
         if let Some(attempt) = ctx.trace.attempt.take() {
             // The attempt ended without a response (e.g. the client went away).
             attempt.failed(e.map_or("aborted", error_type));
+        }
+        if session.cache.lock_duration().is_some() {
+            let fill = ctx
+                .request
+                .as_ref()
+                .and_then(|r| self.fills.get(&r.primary_key));
+            if let Some(fill) = fill {
+                ctx.trace.request.link_fill(&fill);
+            }
         }
         let generated_entry;
         let cache_status = match ctx.progress.generated {

@@ -346,3 +346,77 @@ async fn a_failover_is_visible_in_the_trace_and_the_log() {
     assert_eq!(clients[1].attr("http.request.resend_count"), Some("1"));
     assert!(server.events.iter().any(|e| e == "failover"), "{server:?}");
 }
+
+/// Requests coalesced onto another request's fill record the wait and link to the fill's span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_requests_link_to_the_fill() {
+    let collector = TestCollector::start(CollectorMode::Receive)
+        .await
+        .expect("collector");
+    let origin = TestOrigin::start().await.expect("origin");
+    let gate = stratus_chaos::Gate::default();
+    origin.fixed(
+        "/hot",
+        Reply::ok("hot")
+            .header("cache-control", "max-age=600")
+            .hold(&gate),
+    );
+    let node = NodeProcess::start(
+        bin(),
+        "edge-1",
+        &[OriginEntry::new(HOST, origin.addr())],
+        &tracing_table(&collector.endpoint(), 1.0, 8192),
+    )
+    .await
+    .expect("node");
+    let listen = node.listen;
+    let first = tokio::spawn(async move { client::get(listen, HOST, "/hot", &[]).await });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            origin.count("/hot") == 1
+        })
+        .await
+    );
+    let waiters: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(async move { client::get(listen, HOST, "/hot", &[]).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await; // ok: no signal says a waiter reached the lock; a late one is a plain hit and is simply not among `linked`
+    gate.open();
+    assert_eq!(first.await.expect("task").expect("exchange").status, 200);
+    for w in waiters {
+        assert_eq!(w.await.expect("task").expect("exchange").text(), "hot");
+    }
+    assert_eq!(origin.count("/hot"), 1);
+    let all = eventually(Duration::from_secs(15), || async {
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.kind == SERVER)
+            .count()
+            >= 5
+    })
+    .await;
+    assert!(all, "{:#?}", collector.spans());
+    let spans = collector.spans();
+    let filler = spans
+        .iter()
+        .find(|s| {
+            s.kind == SERVER
+                && s.attr("stratus.cache_status")
+                    .is_some_and(|c| c.contains("stored"))
+        })
+        .expect("the filling request's span");
+    let linked: Vec<_> = spans
+        .iter()
+        .filter(|s| s.kind == SERVER && s.attr("stratus.cache.lock_wait_ms").is_some())
+        .collect();
+    assert!(!linked.is_empty(), "waiters record their wait: {spans:#?}");
+    for s in &linked {
+        assert!(s.events.iter().any(|e| e == "waited on a coalesced fill"));
+        assert_eq!(
+            s.links,
+            vec![(filler.trace_id.clone(), filler.span_id.clone())],
+            "{s:?}"
+        );
+    }
+}

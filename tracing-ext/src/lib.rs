@@ -21,7 +21,7 @@ pub mod spans;
 
 pub use export::{ExportSettings, Telemetry, TelemetryError};
 pub use facts::{AttemptFacts, RequestFacts, ResponseFacts, UpstreamKind};
-pub use spans::{AttemptTrace, RequestTrace};
+pub use spans::{AttemptTrace, FillLink, RequestTrace};
 
 #[cfg(test)]
 mod tests;

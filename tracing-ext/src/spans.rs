@@ -20,6 +20,10 @@ pub struct RequestTrace {
     log: tracing::Span,
 }
 
+/// The span of a request that fills the cache, as requests coalesced onto it link to it.
+#[derive(Debug, Clone)]
+pub struct FillLink(opentelemetry::trace::SpanContext);
+
 /// One upstream attempt: a CLIENT span, child of the request's SERVER span.
 #[derive(Debug, Clone)]
 pub struct AttemptTrace {
@@ -155,6 +159,23 @@ impl RequestTrace {
         AttemptTrace {
             cx: self.cx.with_span(span),
             enabled: true,
+        }
+    }
+
+    /// A reference to this request's SERVER span, for requests that will wait on the fill it
+    /// is about to make (`None` when tracing is off or the span is not sampled).
+    pub fn fill_link(&self) -> Option<FillLink> {
+        let sc = self.cx.span().span_context().clone();
+        (self.enabled && sc.is_valid() && sc.is_sampled()).then_some(FillLink(sc))
+    }
+
+    /// Links this SERVER span to the span of the fill it waited on.
+    pub fn link_fill(&self, fill: &FillLink) {
+        if self.enabled {
+            self.cx.span().add_link(
+                fill.0.clone(),
+                vec![KeyValue::new("stratus.link", "coalesced-fill")],
+            );
         }
     }
 
