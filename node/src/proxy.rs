@@ -987,6 +987,33 @@ address = "127.0.0.1:3"
         super::admit(c, None, r, SystemTime::now())
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever a client sends, admission answers (admitted or a documented 4xx/508) and
+        /// never panics; an admitted request always names a configured origin.
+        #[test]
+        fn admission_never_panics(
+            method in "(GET|HEAD|POST|PURGE|[A-Z]{1,12})",
+            path in "/[ -~]{0,200}",
+            headers in proptest::collection::vec(("[a-z][a-z0-9-]{0,20}", proptest::collection::vec(32u8..127, 0..300)), 0..12),
+        ) {
+            let c = config();
+            let Ok(mut r) = RequestHeader::build(method.as_str(), path.as_bytes(), None) else {
+                return Ok(());
+            };
+            for (k, v) in headers {
+                if let Ok(value) = http::HeaderValue::from_bytes(&v) {
+                    let _ = r.append_header(k, value);
+                }
+            }
+            match admit(&c, &r, 1) {
+                Ok(ctx) => proptest::prop_assert!(ctx.origin < c.origins.len()),
+                Err(g) => proptest::prop_assert!(matches!(g.status(), 400 | 405 | 421 | 431 | 508)),
+            }
+        }
+    }
+
     #[test]
     fn admission() {
         let c = config();

@@ -76,6 +76,12 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_input_is_refused_never_a_panic(junk in "[ -~]{0,1100}", now in any::<u64>()) {
+        let r = ControlContext::decode(&junk, &secret(7), line("GET", "/"), at(now % 4_000_000_000_000));
+        prop_assert!(r.is_err());
+    }
+
+    #[test]
     fn oversized_is_refused(junk in "[A-Za-z0-9_.-]{1025,3000}") {
         prop_assert_eq!(ControlContext::decode(&junk, &secret(7), line("GET", "/"), at(0)), Err(ContextError::TooLarge));
     }
