@@ -17,7 +17,6 @@ use crate::propagation;
 pub struct RequestTrace {
     cx: Context,
     enabled: bool,
-    log: tracing::Span,
 }
 
 /// The span of a request that fills the cache, as requests coalesced onto it link to it.
@@ -94,21 +93,9 @@ impl Telemetry {
             .with_kind(SpanKind::Server)
             .with_attributes(attrs)
             .start_with_context(tracer, &parent);
-        let cx = parent.with_span(span);
-        let sc = cx.span().span_context().clone();
-        // Log lines written in this span's scope carry the trace: `request{trace_id=… span_id=…}`.
-        // At ERROR level so every log filter short of `off` keeps it (a span's level only
-        // decides whether it is recorded, and an unrecorded span would drop the ids).
-        let log = tracing::error_span!(
-            target: "stratus::request",
-            "request",
-            trace_id = %sc.trace_id(),
-            span_id = %sc.span_id(),
-        );
         RequestTrace {
-            cx,
+            cx: parent.with_span(span),
             enabled: true,
-            log,
         }
     }
 }
@@ -119,14 +106,25 @@ impl RequestTrace {
         RequestTrace {
             cx: Context::new(),
             enabled: false,
-            log: tracing::Span::none(),
         }
     }
 
-    /// The `tracing` span to write this request's log lines in; its fields are the trace and
+    /// A `tracing` span to write this request's log lines in; its fields are the trace and
     /// SERVER span ids, so every line logged in its scope names the trace to open in Jaeger.
-    pub fn log_span(&self) -> &tracing::Span {
-        &self.log
+    /// Made on demand: requests that log nothing pay nothing.
+    pub fn log_span(&self) -> tracing::Span {
+        let sc = self.cx.span().span_context().clone();
+        if !(self.enabled && sc.is_valid()) {
+            return tracing::Span::none();
+        }
+        // At ERROR level so every log filter short of `off` keeps it (a span's level only
+        // decides whether it is recorded, and an unrecorded span would drop the ids).
+        tracing::error_span!(
+            target: "stratus::request",
+            "request",
+            trace_id = %sc.trace_id(),
+            span_id = %sc.span_id(),
+        )
     }
 
     /// Starts the CLIENT span for one upstream attempt.
