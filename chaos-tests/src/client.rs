@@ -106,16 +106,7 @@ pub fn parse(buf: &[u8], head: bool) -> anyhow::Result<Response> {
         }
     };
     let status = parsed.code.unwrap_or(0);
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let headers = crate::wire::lowercase_headers(parsed.headers);
     let rest = &buf[n..];
     let find = |name: &str| {
         headers

@@ -11,6 +11,19 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Upper bound on a request body (OTLP batches are far smaller).
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
+/// Header fields in order, names lowercased, values as (lossy) text: what a test compares.
+pub(crate) fn lowercase_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Reads one request (head, then a `Content-Length` body) from `stream`, keeping what follows
 /// in `buf`. `None` when the peer closed or sent something malformed or oversized.
 pub(crate) async fn read_request(
@@ -22,16 +35,7 @@ pub(crate) async fn read_request(
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(buf) {
             Ok(httparse::Status::Complete(n)) => {
-                let headers: Vec<(String, String)> = parsed
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = lowercase_headers(parsed.headers);
                 let body_len = headers
                     .iter()
                     .find(|(k, _)| k == "content-length")

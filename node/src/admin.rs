@@ -98,7 +98,7 @@ impl Admin {
         let primary = policy::primary_key(host, path);
         let owner = view.ring().owner(primary.as_bytes())?;
         let addr = view.members().get(owner)?.addr;
-        let key_id = policy::cache_key(host, path).primary();
+        let key_id = policy::key_id(&primary);
         let request_id = format!("{:032x}", rand::random::<u128>());
         let ctx = ControlContext::new(
             host,

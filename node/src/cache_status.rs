@@ -115,10 +115,10 @@ pub fn generated(node: &str, g: Generated) -> String {
 }
 
 /// Joins upstream entries (nearest the origin first) with ours, as one field value.
-pub fn append(existing: Option<&str>, ours: &str) -> String {
+pub fn append(existing: Option<&str>, ours: String) -> String {
     match existing.map(str::trim).filter(|e| !e.is_empty()) {
         Some(e) => format!("{e}, {ours}"),
-        None => ours.to_string(),
+        None => ours,
     }
 }
 
@@ -163,7 +163,10 @@ mod tests {
             generated("e", Generated::UnknownHost),
             "e; fwd=request; detail=unknown-host"
         );
-        assert_eq!(append(Some("up-1; hit"), "e; hit"), "up-1; hit, e; hit");
-        assert_eq!(append(None, "e; hit"), "e; hit");
+        assert_eq!(
+            append(Some("up-1; hit"), "e; hit".into()),
+            "up-1; hit, e; hit"
+        );
+        assert_eq!(append(None, "e; hit".into()), "e; hit");
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use http::header;
 use pingora_cache::cache_control::CacheControl;
 use pingora_cache::filters::resp_cacheable;
-use pingora_cache::key::HashBinary;
+use pingora_cache::key::{CacheHashKey, HashBinary};
 use pingora_cache::VarianceBuilder;
 use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -28,6 +28,11 @@ pub fn primary_key(host: &str, path_and_query: &str) -> String {
 /// The pingora cache key for [`primary_key`].
 pub fn cache_key(host: &str, path_and_query: &str) -> CacheKey {
     CacheKey::new(primary_key(host, path_and_query), "")
+}
+
+/// The identity of a cache key carried in the control context: the hex of its primary hash.
+pub fn key_id(primary_key: &str) -> String {
+    CacheKey::new(primary_key, "").primary()
 }
 
 /// Whether the cache may be used at all for this request method.

@@ -95,6 +95,16 @@ pub struct Progress {
     pub attempts: Vec<Hop>,
 }
 
+impl Progress {
+    /// How many attempts went to upper members so far.
+    pub fn upper_attempts(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|h| matches!(h, Hop::Upper(..)))
+            .count()
+    }
+}
+
 /// Pingora's per-request `CTX`.
 #[derive(Debug, Default)]
 pub struct Ctx {
@@ -238,12 +248,7 @@ impl Proxy {
         let Some(tier) = self.lower_tier() else {
             return false;
         };
-        let tried_upper = ctx
-            .progress
-            .attempts
-            .iter()
-            .filter(|h| matches!(h, Hop::Upper(..)))
-            .count();
+        let tried_upper = ctx.progress.upper_attempts();
         let tried_origin = ctx.progress.attempts.contains(&Hop::Origin);
         let route_left = ctx
             .progress
@@ -342,7 +347,7 @@ pub fn admit(
     now: SystemTime,
 ) -> Result<RequestContext, Generated> {
     let header_bytes = req.method.as_str().len()
-        + req.uri.to_string().len()
+        + uri_len(&req.uri)
         + req
             .headers
             .iter()
@@ -382,7 +387,7 @@ pub fn admit(
             let origin = origin_index(config, &host)?;
             let primary_key = policy::primary_key(&host, &path_and_query);
             let control = tier.filter(|t| t.has_upper()).map(|_| {
-                let key_id = policy::cache_key(&host, &path_and_query).primary();
+                let key_id = policy::key_id(&primary_key);
                 ControlContext::new(
                     host.clone(),
                     key_id,
@@ -421,13 +426,13 @@ pub fn admit(
                 })?;
             let host = control.origin_host().to_string();
             let origin = origin_index(config, &host)?;
-            let key = policy::cache_key(&host, &path_and_query);
-            if key.primary() != control.cache_key() {
+            let primary_key = policy::primary_key(&host, &path_and_query);
+            if policy::key_id(&primary_key) != control.cache_key() {
                 return Err(Generated::Forbidden("context-key-mismatch"));
             }
             Ok(RequestContext {
                 id: control.request_id().to_string(),
-                primary_key: policy::primary_key(&host, &path_and_query),
+                primary_key,
                 host,
                 origin,
                 path_and_query,
@@ -461,6 +466,15 @@ async fn write_local(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Length of the request target as it appears on the wire (`Uri`'s `Display`), without
+/// formatting it: this runs for every request.
+fn uri_len(uri: &http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
 }
 
 /// Index of the `[[origin]]` serving `host`.
@@ -594,7 +608,7 @@ impl ProxyHttp for Proxy {
             .request
             .as_ref()
             .ok_or_else(|| internal("cache key without context"))?;
-        Ok(policy::cache_key(&r.host, &r.path_and_query))
+        Ok(CacheKey::new(r.primary_key.clone(), ""))
     }
 
     fn response_cache_filter(
@@ -644,15 +658,10 @@ impl ProxyHttp for Proxy {
             }
         }
         if let Some(tier) = self.lower_tier() {
+            let tried = ctx.progress.upper_attempts();
             let route = ctx.progress.route.get_or_insert_with(|| {
                 route(r.primary_key.as_bytes(), &tier.view(), MAX_UPPER_ATTEMPTS)
             });
-            let tried = ctx
-                .progress
-                .attempts
-                .iter()
-                .filter(|h| matches!(h, Hop::Upper(..)))
-                .count();
             if let Some(&id) = route.hops.get(tried) {
                 let view = tier.view();
                 let addr = view
@@ -800,7 +809,9 @@ impl ProxyHttp for Proxy {
             }
         }
         let ours = cache_status::entry(&self.config.node.name, &outcome);
-        ctx.trace.cache_status.clone_from(&ours);
+        if self.telemetry.is_enabled() {
+            ctx.trace.cache_status.clone_from(&ours);
+        }
         if cache_status::served_from_cache(outcome.phase) {
             // Upstream entries stored with the object describe its fill, not this response.
             resp.remove_header("cache-status");
@@ -815,7 +826,7 @@ impl ProxyHttp for Proxy {
             (!existing.is_empty())
                 .then(|| existing.join(", "))
                 .as_deref(),
-            &ours,
+            ours,
         );
         resp.insert_header("cache-status", joined)?;
         Ok(())
