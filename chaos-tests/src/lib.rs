@@ -1,21 +1,31 @@
 //! stratus-chaos: a harness that runs real `stratus` processes on loopback against in-test
 //! origins, and drives them with a client that reports exactly what came over the wire.
 //!
-//! It never binds a fixed port, never sleeps without a deadline, and kills every process it
-//! started when the handle drops. Fault scenarios for the fleet build on it.
+//! Faults come from outside the processes, as in production: signals to a node (stop, kill,
+//! terminate, upgrade), a TCP fault proxy on any link (latency, bandwidth, resets, black
+//! holes, cut streams), and an origin that misbehaves on purpose (bad framing, resets, stalls).
+//! Scenarios record every request in a history and judge the whole of it.
+//!
+//! It never binds a fixed port, never sleeps without a deadline, and kills every process and
+//! stops every task it started when the handle drops.
 
 pub mod client;
 pub mod collector;
+pub mod fault;
 pub mod fleet;
+pub mod history;
 pub mod node;
 pub mod origin;
 mod wire;
 
 pub use client::Response;
 pub use collector::{CollectorMode, ReceivedSpan, TestCollector};
-pub use fleet::{Fleet, FleetSpec, TEST_SECRET};
+pub use fault::{Fault, FaultProxy};
+pub use fleet::{Fleet, FleetOptions, FleetSpec, TEST_SECRET};
+pub use history::{load, pending, table, History, Record, Summary};
+pub use nix::sys::signal::Signal;
 pub use node::{free_port, NodeProcess, OriginEntry};
-pub use origin::{Gate, Reply, SeenRequest, TestOrigin};
+pub use origin::{Framing, Gate, Reply, SeenRequest, TestOrigin};
 
 use std::time::{Duration, Instant};
 

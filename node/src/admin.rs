@@ -16,11 +16,9 @@ use serde_json::json;
 use crate::config::{normalize_host, Config};
 use crate::metrics::Metrics;
 use crate::policy;
-use crate::proxy::CONTROL_HEADER;
 use crate::store::Store;
-use crate::tier::{exchange, Tier};
-use std::time::SystemTime;
-use stratus_tiering::{ControlContext, Health, RequestLine};
+use crate::tier::{exchange, Tier, CONTROL_HEADER};
+use stratus_tiering::{Health, MemberId, RequestIdentity, RequestLine};
 
 /// Purge bodies are one small JSON object.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -73,10 +71,15 @@ impl Admin {
                     .map(|(id, m)| {
                         let health = match view.health(id) {
                             Some(Health::Up { failures }) => json!({"state": "up", "recent_failures": failures}),
-                            Some(Health::Down { since }) => json!({"state": "down", "down_for_ms": since.elapsed().as_millis() as u64}),
+                            Some(Health::Down { since, reason, successes }) => json!({
+                                "state": "down",
+                                "down_for_ms": since.elapsed().as_millis() as u64,
+                                "reason": reason.to_string(),
+                                "ready_probes": successes,
+                            }),
                             None => json!({"state": "unknown"}),
                         };
-                        json!({"addr": m.addr.to_string(), "weight": m.weight, "health": health})
+                        json!({"addr": m.addr.to_string(), "name": tier.recipient(id), "weight": m.weight, "health": health})
                     })
                     .collect()
             }
@@ -92,21 +95,25 @@ impl Admin {
         )
     }
 
-    /// Purges `host`/`path` on the upper member that owns it, authenticated by a control context.
-    async fn purge_owner(&self, tier: &Tier, host: &str, path: &str) -> Option<serde_json::Value> {
-        let view = tier.view();
-        let primary = policy::primary_key(host, path);
-        let owner = view.ring().owner(primary.as_bytes())?;
-        let addr = view.members().get(owner)?.addr;
-        let key_id = policy::key_id(&primary);
-        let request_id = format!("{:032x}", rand::random::<u128>());
-        let ctx = ControlContext::new(
+    /// Purges `host`/`path` on one upper member, authenticated by a control context
+    /// addressed to it. The answer names the member as it names itself.
+    async fn purge_member(
+        &self,
+        tier: &Tier,
+        member: MemberId,
+        host: &str,
+        path: &str,
+    ) -> serde_json::Value {
+        let addr = tier.view().members().get(member).map(|m| m.addr);
+        let identity = RequestIdentity::new(
             host,
-            key_id,
-            request_id,
+            policy::key_id(&policy::primary_key(host, path)),
+            format!("{:032x}", rand::random::<u128>()),
             self.config.node.name.clone(),
-            SystemTime::now(),
         );
+        let (Some(addr), Some(ctx)) = (addr, tier.issue(&identity, member)) else {
+            return json!({"node": member, "outcome": "error: unknown member"});
+        };
         let value = ctx.encode(
             &tier.secret,
             RequestLine {
@@ -117,20 +124,28 @@ impl Admin {
         let request = format!(
             "PURGE {path} HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: {value}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        let timeout = tier.settings.connect_timeout + tier.settings.read_timeout;
-        let outcome = match exchange(addr, request.as_bytes(), timeout).await {
-            Ok((200, body)) => serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("outcome").cloned())
-                .unwrap_or(json!("unknown")),
-            Ok((status, _)) => json!(format!("error: upper answered {status}")),
-            Err(e) => json!(format!("error: {e}")),
+        let timeout = tier.settings.connect_timeout + tier.settings.probe_timeout;
+        let answer = exchange(addr, request.as_bytes(), timeout).await;
+        let reply = answer
+            .as_ref()
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(body).ok());
+        let name = reply
+            .as_ref()
+            .and_then(|v| v.get("node").cloned())
+            .unwrap_or_else(|| json!(tier.recipient(member).unwrap_or_default()));
+        let outcome = match (&answer, &reply) {
+            (_, Some(v)) => v.get("outcome").cloned().unwrap_or(json!("unknown")),
+            (Ok((status, _)), None) => json!(format!("error: upper answered {status}")),
+            (Err(e), None) => json!(format!("error: {e}")),
         };
-        Some(json!({"node": addr.to_string(), "outcome": outcome}))
+        json!({"node": name, "addr": addr.to_string(), "outcome": outcome})
     }
 
-    /// Removes every variant of one URL from this node and, on a lower node, from the upper
-    /// member that owns it.
+    /// Removes every variant of one URL from every node that may hold it: on a lower node,
+    /// every upper member first (failover copies too, down members included), then this node,
+    /// so no lower refills from an upper that still holds the old copy.
     async fn purge(&self, body: &[u8]) -> Response<Vec<u8>> {
         let url = match serde_json::from_slice::<serde_json::Value>(body)
             .ok()
@@ -150,17 +165,18 @@ impl Admin {
                 "url must be absolute: http://host/path",
             );
         };
+        let mut results = Vec::new();
+        if let Some(tier) = self.tier.as_deref().filter(|t| t.has_upper()) {
+            let members = 0..tier.view().members().len();
+            let purges = members.map(|m| self.purge_member(tier, m, &host, &path));
+            results = futures::future::join_all(purges).await;
+        }
         let primary = policy::cache_key(&host, &path).primary_bin();
         let purged = self.store.purge_primary(primary);
-        let mut results = vec![json!({
+        results.push(json!({
             "node": self.config.node.name,
             "outcome": if purged { "purged" } else { "not_found" },
-        })];
-        if let Some(tier) = self.tier.as_deref().filter(|t| t.has_upper()) {
-            if let Some(upper) = self.purge_owner(tier, &host, &path).await {
-                results.push(upper);
-            }
-        }
+        }));
         json_response(StatusCode::OK, &json!({ "url": url, "results": results }))
     }
 }

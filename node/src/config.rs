@@ -80,6 +80,16 @@ pub struct UpperMember {
     pub addr: SocketAddr,
     /// Share of keys relative to the others; at least 1.
     pub weight: u32,
+    /// The member's `node.name`, when given: control contexts are addressed to it (needed
+    /// when `addr` is not the member's own listen address, e.g. behind a proxy or NAT).
+    pub name: Option<String>,
+}
+
+impl UpperMember {
+    /// The recipient named in control contexts sent to this member.
+    pub fn recipient(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.addr.to_string())
+    }
 }
 
 /// `[tier]`.
@@ -93,12 +103,20 @@ pub struct TierConfig {
     pub on_all_upper_down: AllUpperDown,
     /// Connect timeout to an upper node.
     pub connect_timeout: Duration,
-    /// Timeout for an upper node's response headers.
+    /// Timeout for each read from an upper node (response headers, then between body
+    /// reads). Longer than the uppers' wait for their origins, so an upper answers 504 about
+    /// its origin before a lower gives up on the upper.
     pub read_timeout: Duration,
+    /// Whether `read_timeout` was derived from the `[[origin]]` timeouts (not set).
+    pub read_timeout_derived: bool,
     /// Consecutive failures that mark a member down.
     pub failure_threshold: u32,
-    /// How often members are probed.
+    /// Consecutive ready probes that bring a down member back (hysteresis).
+    pub rise: u32,
+    /// How often members are probed; a round finishes before the next starts.
     pub probe_interval: Duration,
+    /// How long one readiness probe may take.
+    pub probe_timeout: Duration,
 }
 
 /// One `[[origin]]`.
@@ -221,11 +239,15 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Loopback or same-datacenter upper nodes connect in well under this.
 const DEFAULT_TIER_CONNECT: Duration = Duration::from_millis(500);
 /// An upper node answers headers from cache at once; it waits on origins up to their own timeout.
-const DEFAULT_TIER_READ: Duration = Duration::from_secs(5);
+const TIER_NEST_MARGIN: Duration = Duration::from_secs(3);
 /// Three strikes: one lost packet does not move a member's keys.
 const DEFAULT_FAILURE_THRESHOLD: u64 = 3;
 /// Probed every second, so a recovered member returns within about a second.
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A probe is one small request on loopback or a LAN: a second is generous.
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Two ready probes in a row bring a member back, so one lucky probe does not make it flap.
+const DEFAULT_RISE: u64 = 2;
 /// Origins across the internet get two seconds to accept.
 const DEFAULT_ORIGIN_CONNECT: Duration = Duration::from_secs(2);
 /// Origins may compute responses; thirty seconds matches common CDN defaults.
@@ -541,6 +563,10 @@ impl Config {
                 _ => {}
             }
         }
+        let mut tier = tier;
+        if let Some(t) = tier.as_mut() {
+            nest_tier_timeouts(t, &origins, &mut problems);
+        }
         if cache.max_object_size > cache.capacity {
             problems.push(Problem {
                 key: "cache.max_object_size".into(),
@@ -561,6 +587,19 @@ impl Config {
         }
     }
 
+    /// What `stratus check` explains beyond "ok": defaults it derived.
+    pub fn notes(&self) -> Vec<String> {
+        match &self.tier {
+            Some(t) if t.read_timeout_derived && !t.upper.is_empty() => vec![format!(
+                "tier.read_timeout: not set; derived {:?} = the longest [[origin]] connect_timeout + read_timeout ({:?}) + {:?}, so an upper answers about a slow origin before this node gives up on the upper",
+                t.read_timeout,
+                origin_wait(&self.origins),
+                TIER_NEST_MARGIN
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     /// The origin serving `host` (case-insensitive, port ignored), if any.
     pub fn origin_for(&self, host: &str) -> Option<&OriginConfig> {
         let host = normalize_host(host)?;
@@ -576,6 +615,33 @@ impl Config {
             TcpListener::bind(addr).map_err(|e| format!("{key}: cannot bind {addr}: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// The longest an upper may wait on one of these origins before it answers itself.
+fn origin_wait(origins: &[OriginConfig]) -> Duration {
+    origins
+        .iter()
+        .map(|o| o.connect_timeout + o.read_timeout)
+        .max()
+        .unwrap_or(DEFAULT_ORIGIN_CONNECT + DEFAULT_ORIGIN_READ)
+}
+
+/// Timeouts nest: a lower waits on an upper longer than the upper waits on its origin (the
+/// fleet's nodes carry the same `[[origin]]` list), so a slow origin gets a 504 from the upper
+/// that names the origin, and the member is not blamed. Derives the value when it is not set.
+fn nest_tier_timeouts(t: &mut TierConfig, origins: &[OriginConfig], problems: &mut Vec<Problem>) {
+    let wait = origin_wait(origins);
+    if t.read_timeout_derived {
+        t.read_timeout = wait + TIER_NEST_MARGIN;
+    } else if !t.upper.is_empty() && t.read_timeout <= wait {
+        problems.push(Problem {
+            key: "tier.read_timeout".into(),
+            message: format!(
+                "must exceed the longest [[origin]] connect_timeout + read_timeout ({wait:?}), so uppers answer about slow origins before this node gives up on them; leave it out to derive {:?}",
+                wait + TIER_NEST_MARGIN
+            ),
+        });
     }
 }
 
@@ -600,16 +666,20 @@ pub fn normalize_host(host: &str) -> Option<String> {
     valid.then(|| name.to_ascii_lowercase())
 }
 
+/// A node name: it appears in headers, metrics and control contexts.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfig> {
     let t = t?;
     let mut s = Section::new("node", Some(t), problems);
     let name = s.required_string("name");
     if let Some(n) = &name {
-        let ok = !n.is_empty()
-            && n.len() <= 64
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !ok {
+        if !valid_name(n) {
             s.problem(
                 "name",
                 "must be 1-64 characters of letters, digits, '-', '_' or '.' (it appears in headers)",
@@ -732,14 +802,18 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
         }
     };
     let connect_timeout = s.duration("connect_timeout", DEFAULT_TIER_CONNECT);
-    let read_timeout = s.duration("read_timeout", DEFAULT_TIER_READ);
+    // Zero until the cross-section rule derives it from the [[origin]] timeouts.
+    let read_timeout_derived = s.raw("read_timeout").is_none();
+    let read_timeout = s.duration("read_timeout", Duration::ZERO);
     let failure_threshold = s.integer(
         "failure_threshold",
         1,
         1000,
         DEFAULT_FAILURE_THRESHOLD as i64,
     ) as u32;
+    let rise = s.integer("rise", 1, 100, DEFAULT_RISE as i64) as u32;
     let probe_interval = s.duration("probe_interval", DEFAULT_PROBE_INTERVAL);
+    let probe_timeout = s.duration("probe_timeout", DEFAULT_PROBE_TIMEOUT);
     s.finish();
     TierConfig {
         secret,
@@ -747,8 +821,11 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
         on_all_upper_down,
         connect_timeout,
         read_timeout,
+        read_timeout_derived,
         failure_threshold,
+        rise,
         probe_interval,
+        probe_timeout,
     }
 }
 
@@ -761,9 +838,13 @@ fn read_member(item: &Value) -> Result<UpperMember, String> {
         Value::String(s) => Ok(UpperMember {
             addr: parse(s)?,
             weight: 1,
+            name: None,
         }),
         Value::Table(t) => {
-            if let Some(k) = t.keys().find(|k| *k != "addr" && *k != "weight") {
+            if let Some(k) = t
+                .keys()
+                .find(|k| !matches!(k.as_str(), "addr" | "weight" | "name"))
+            {
                 return Err(format!("unknown key {k:?}"));
             }
             let addr = match t.get("addr") {
@@ -775,10 +856,15 @@ fn read_member(item: &Value) -> Result<UpperMember, String> {
                 Some(Value::Integer(w)) if (1..=1000).contains(w) => *w as u32,
                 Some(_) => return Err("weight must be an integer from 1 to 1000".into()),
             };
-            Ok(UpperMember { addr, weight })
+            let name = match t.get("name") {
+                None => None,
+                Some(Value::String(n)) if valid_name(n) => Some(n.clone()),
+                Some(_) => return Err("name must match [A-Za-z0-9._-]{1,64}".into()),
+            };
+            Ok(UpperMember { addr, weight, name })
         }
         other => Err(format!(
-            "must be \"IP:port\" or {{ addr, weight }}, found {}",
+            "must be \"IP:port\" or {{ addr, weight, name }}, found {}",
             other.type_str()
         )),
     }

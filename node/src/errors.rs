@@ -5,6 +5,7 @@
 //! [`Generated`]; proxy phases only decide *which* failure happened.
 
 use pingora_error::{Error, ErrorSource, ErrorType};
+use stratus_tiering::Blame;
 
 /// A response stratus writes itself instead of proxying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +14,8 @@ pub enum Generated {
     BadRequest(&'static str),
     /// 403: an upper node refused the control context; the detail says why.
     Forbidden(&'static str),
+    /// 408: the client stopped sending its request body; nobody upstream is to blame.
+    ClientTimeout,
     /// 405: a method stratus refuses from clients (`PURGE`: use the admin API).
     MethodNotAllowed,
     /// 421: no `[[origin]]` serves this Host.
@@ -34,6 +37,7 @@ impl Generated {
             Generated::BadRequest(_) => 400,
             Generated::Forbidden(_) => 403,
             Generated::MethodNotAllowed => 405,
+            Generated::ClientTimeout => 408,
             Generated::UnknownHost => 421,
             Generated::HeadersTooLarge => 431,
             Generated::BadGateway(_) => 502,
@@ -51,8 +55,23 @@ impl Generated {
             | Generated::GatewayTimeout(d) => d,
             Generated::UnknownHost => "unknown-host",
             Generated::MethodNotAllowed => "method-not-allowed",
+            Generated::ClientTimeout => "client-body-timeout",
             Generated::HeadersTooLarge => "headers-too-large",
             Generated::LoopDetected => "loop",
+        }
+    }
+
+    /// Who an upper node says is to blame when it answers this itself: the lower decides
+    /// member health from it (an origin's failure or a client's loop never counts).
+    pub fn blame(self) -> Blame {
+        match self {
+            Generated::BadGateway(_) | Generated::GatewayTimeout(_) => Blame::Origin,
+            Generated::Forbidden(_) | Generated::UnknownHost => Blame::Member,
+            Generated::BadRequest(_)
+            | Generated::MethodNotAllowed
+            | Generated::ClientTimeout
+            | Generated::HeadersTooLarge
+            | Generated::LoopDetected => Blame::Request,
         }
     }
 
@@ -62,6 +81,7 @@ impl Generated {
             Generated::BadRequest(_) => "bad request",
             Generated::Forbidden(_) => "forbidden",
             Generated::MethodNotAllowed => "method not allowed; purge through the admin API",
+            Generated::ClientTimeout => "request body timed out",
             Generated::UnknownHost => "no origin is configured for this host",
             Generated::HeadersTooLarge => "request headers too large",
             Generated::BadGateway(_) => "bad gateway",
@@ -114,15 +134,11 @@ pub const DNS_FAILED: &str = "DNSFailed";
 pub const ALL_UPPER_DOWN: &str = "AllUpperDown";
 /// The custom error type for an upper member that answered with an error about itself.
 pub const UPPER_REFUSED: &str = "UpperRefused";
-/// Response header an upper node puts on responses it generated itself, so the lower can
-/// tell "the member failed" from "the origin failed". Lower nodes remove it.
+/// Response header an upper node puts on responses it generated itself: who failed and why,
+/// authenticated against the request's control context (see `ControlContext::mark`). Upper
+/// nodes remove it from origin responses and lower nodes remove it before clients, so it
+/// only ever travels from an upper to a lower.
 pub const GENERATED_HEADER: &str = "stratus-generated";
-
-/// Whether an upper node's generated response with this status means the member itself is
-/// unfit (refused our context, lacks the origin, looped, broke) rather than the origin failing.
-pub fn blames_member(status: u16) -> bool {
-    matches!(status, 403 | 421 | 500 | 508)
-}
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,10 @@ enum Command {
         /// Socket for the hand-over (default /tmp/stratus-NAME-upgrade.sock).
         #[arg(long)]
         upgrade_sock: Option<String>,
+        /// Exit at once when the process that started this one dies (test harnesses: no
+        /// node outlives its test run, even when the runner is killed).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Validate a config: exit 0, or 64 listing every problem.
     Check {
@@ -127,12 +131,30 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Exits the process as soon as its parent is gone (it is then re-parented, so the parent
+/// id changes). A thread that polls is the only way without `unsafe` (`prctl` would need a
+/// `pre_exec` hook in the parent, and fires when the spawning *thread* ends).
+fn watch_parent() {
+    let parent = std::os::unix::process::parent_id();
+    let _ = std::thread::Builder::new()
+        .name("exit-with-parent".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if std::os::unix::process::parent_id() != parent {
+                std::process::exit(EXIT_RUNTIME.into());
+            }
+        });
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
         Command::Check { config } => match load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                for note in cfg.notes() {
+                    println!("{}: {note}", config.display());
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -157,7 +179,11 @@ fn main() -> ExitCode {
             config,
             upgrade,
             upgrade_sock,
+            exit_with_parent,
         } => {
+            if exit_with_parent {
+                watch_parent();
+            }
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

@@ -20,6 +20,14 @@ pub struct Metrics {
     pub upper_up: prometheus::IntGaugeVec,
     /// `stratus_spans_dropped_total`: spans dropped because the export queue was full.
     pub spans_dropped: IntCounter,
+    /// `stratus_upper_down_reason{upper, reason}`: 1 for each down member, labelled with why.
+    pub upper_down_reason: prometheus::IntGaugeVec,
+    /// `stratus_context_refusals_total{reason}`: control contexts an upper refused.
+    pub context_refusals: IntCounterVec,
+    /// `stratus_replay_cache_entries`: nonces an upper remembers to refuse replays.
+    pub replay_cache_entries: IntGauge,
+    /// `stratus_replay_cache_bytes`: estimated memory those nonces hold.
+    pub replay_cache_bytes: IntGauge,
     cache_objects: IntGauge,
     cache_bytes: IntGauge,
     telemetry: parking_lot::Mutex<Option<stratus_tracing::Telemetry>>,
@@ -58,6 +66,28 @@ impl Metrics {
             "stratus_spans_dropped_total",
             "Spans dropped because the export queue was full",
         )?;
+        let upper_down_reason = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "stratus_upper_down_reason",
+                "1 for each down upper member, labelled with why it is down",
+            ),
+            &["upper", "reason"],
+        )?;
+        let context_refusals = IntCounterVec::new(
+            Opts::new(
+                "stratus_context_refusals_total",
+                "Control contexts this upper refused, by reason",
+            ),
+            &["reason"],
+        )?;
+        let replay_cache_entries = IntGauge::new(
+            "stratus_replay_cache_entries",
+            "Context nonces remembered to refuse replays",
+        )?;
+        let replay_cache_bytes = IntGauge::new(
+            "stratus_replay_cache_bytes",
+            "Estimated bytes held by the replay cache",
+        )?;
         let cache_objects = IntGauge::new("stratus_cache_objects", "Objects in the cache")?;
         let cache_bytes = IntGauge::new(
             "stratus_cache_bytes",
@@ -68,6 +98,10 @@ impl Metrics {
         registry.register(Box::new(upper_requests.clone()))?;
         registry.register(Box::new(upper_up.clone()))?;
         registry.register(Box::new(spans_dropped.clone()))?;
+        registry.register(Box::new(upper_down_reason.clone()))?;
+        registry.register(Box::new(context_refusals.clone()))?;
+        registry.register(Box::new(replay_cache_entries.clone()))?;
+        registry.register(Box::new(replay_cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         Ok(Metrics {
@@ -77,6 +111,10 @@ impl Metrics {
             upper_requests,
             upper_up,
             spans_dropped,
+            upper_down_reason,
+            context_refusals,
+            replay_cache_entries,
+            replay_cache_bytes,
             cache_objects,
             cache_bytes,
             telemetry: parking_lot::Mutex::new(None),

@@ -85,7 +85,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     let store = Store::leaked(config.cache.capacity);
     let metrics = Arc::new(Metrics::new()?);
 
-    let tier = Tier::from_config(&config)?;
+    let tier = Tier::from_config(&config, metrics.clone())?;
     // Built after bootstrap; stratus never daemonizes, so the export thread survives.
     let telemetry = telemetry(&config)?;
     metrics.watch_spans(telemetry.clone());

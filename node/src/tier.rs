@@ -17,22 +17,28 @@ use parking_lot::Mutex;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use stratus_tiering::{
-    ContextError, ControlContext, FleetSecret, HealthBook, Member, MemberId, Outcome, Ring,
-    TierView,
+    Acceptor, ContextError, ControlContext, FleetSecret, Health, HealthBook, Member, MemberId,
+    Outcome, Probe, ProbeFailure, RequestIdentity, RequestLine, Ring, TierView,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, TierConfig};
+use crate::config::{Config, Role, TierConfig};
 use crate::metrics::Metrics;
 
 /// The health endpoint every node answers on its data listener.
 pub const HEALTH_PATH: &str = "/.well-known/stratus/health";
+/// The control-context header between tiers. Never accepted from clients, never forwarded to
+/// origins, never sent in a response.
+pub const CONTROL_HEADER: &str = "stratus-ctx";
 /// Outcome reports buffered between the request path and the health task.
 const OUTCOME_QUEUE: usize = 4096;
-/// Request ids remembered by an upper node to refuse replays (bounded memory).
-const REPLAY_CACHE_ENTRIES: u64 = 1_000_000;
+/// Nonces an upper node remembers to refuse replays. When this many are held, new contexts
+/// are refused (fail closed) rather than forgetting one that may still be replayed.
+const REPLAY_LIMIT: u64 = 1_000_000;
+/// Rough bytes one remembered nonce holds (32-byte key, moka entry overhead).
+const REPLAY_ENTRY_BYTES: i64 = 128;
 /// Upper members a lower tries for one request before `on_all_upper_down` decides.
 pub const MAX_UPPER_ATTEMPTS: usize = 3;
 /// Largest response the inter-tier exchange reads (probe and purge answers are tiny).
@@ -41,8 +47,9 @@ const MAX_EXCHANGE_RESPONSE: usize = 64 * 1024;
 /// Something the health task folds.
 #[derive(Debug, Clone, Copy)]
 enum HealthEvent {
-    Outcome(MemberId, Outcome, Instant),
-    Probe(MemberId, bool, Instant),
+    /// An attempt that started at the first instant ended like this at the second.
+    Outcome(MemberId, Outcome, Instant, Instant),
+    Probe(MemberId, Probe, Instant),
 }
 
 /// Tier state shared by the proxy, the admin API and the health task.
@@ -56,11 +63,22 @@ pub struct Tier {
     /// The health task takes the book and the receiver when it starts and alone owns them.
     receiver: Mutex<Option<(HealthBook, mpsc::Receiver<HealthEvent>)>>,
     replays: moka::sync::Cache<String, ()>,
+    /// Per member (ring order = config order): whom its contexts are addressed to.
+    recipients: Vec<String>,
+    /// An upper's own names as a recipient: its `node.name` and its listen address.
+    identities: Vec<String>,
+    /// This process's start: an upper refuses contexts issued before it.
+    started: SystemTime,
+    node_name: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Tier {
     /// Tier state for `config`, or `None` for a standalone node.
-    pub fn from_config(config: &Config) -> anyhow::Result<Option<Arc<Tier>>> {
+    pub fn from_config(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Option<Arc<Tier>>> {
         let Some(settings) = config.tier.clone() else {
             return Ok(None);
         };
@@ -73,19 +91,35 @@ impl Tier {
             })
             .collect();
         let ring = Ring::new(members)?;
-        let book = HealthBook::new(ring, settings.failure_threshold);
+        let book = HealthBook::new(ring, settings.failure_threshold, settings.rise);
+        for m in &settings.upper {
+            // Every member has a gauge from the start, not only after its first change.
+            metrics
+                .upper_up
+                .with_label_values(&[m.addr.to_string().as_str()])
+                .set(1);
+        }
         let (events, receiver) = mpsc::channel(OUTCOME_QUEUE);
         let replays = moka::sync::Cache::builder()
-            .max_capacity(REPLAY_CACHE_ENTRIES)
+            .max_capacity(REPLAY_LIMIT * 2)
             .time_to_live(stratus_tiering::context::MAX_AGE + stratus_tiering::context::MAX_SKEW)
             .build();
+        let identities = match config.node.role {
+            Role::Upper => vec![config.node.name.clone(), config.node.listen.to_string()],
+            Role::Lower => Vec::new(),
+        };
         Ok(Some(Arc::new(Tier {
             secret: FleetSecret::new(settings.secret.clone()),
             view: ArcSwap::from_pointee(book.view()),
+            recipients: settings.upper.iter().map(|m| m.recipient()).collect(),
             settings,
             events,
             receiver: Mutex::new(Some((book, receiver))),
             replays,
+            identities,
+            started: SystemTime::now(),
+            node_name: config.node.name.clone(),
+            metrics,
         })))
     }
 
@@ -99,26 +133,79 @@ impl Tier {
         self.view.load_full()
     }
 
-    /// Reports one attempt's outcome without waiting.
-    pub fn report(&self, member: MemberId, outcome: Outcome) {
-        let _ = self
-            .events
-            .try_send(HealthEvent::Outcome(member, outcome, Instant::now()));
+    /// Whom contexts for `member` are addressed to.
+    pub fn recipient(&self, member: MemberId) -> Option<&str> {
+        self.recipients.get(member).map(String::as_str)
     }
 
-    /// Verifies a received context and refuses a request id seen before (a replay).
+    /// A fresh context for one attempt of `identity` to `member`.
+    pub fn issue(&self, identity: &RequestIdentity, member: MemberId) -> Option<ControlContext> {
+        let recipient = self.recipient(member)?;
+        Some(identity.issue(recipient, rand::random(), SystemTime::now()))
+    }
+
+    /// Reports the outcome of an attempt that started at `started`, without waiting.
+    pub fn report(&self, member: MemberId, outcome: Outcome, started: Instant) {
+        let _ = self.events.try_send(HealthEvent::Outcome(
+            member,
+            outcome,
+            started,
+            Instant::now(),
+        ));
+    }
+
+    /// Verifies a received context and refuses a nonce seen before (a replay). A `refresh` is a
+    /// background revalidation this node spawned from a request it already accepted: it
+    /// carries the same context, so only the signature is checked again.
     pub fn accept(
         &self,
         value: Option<&str>,
-        method: &str,
-        target: &str,
+        line: RequestLine<'_>,
+        refresh: bool,
+        now: SystemTime,
+    ) -> Result<ControlContext, ContextError> {
+        let accepted = self.check(value, line, refresh, now);
+        if let Err(e) = &accepted {
+            self.metrics
+                .context_refusals
+                .with_label_values(&[e.detail()])
+                .inc();
+        }
+        accepted
+    }
+
+    fn check(
+        &self,
+        value: Option<&str>,
+        line: RequestLine<'_>,
+        refresh: bool,
+        now: SystemTime,
     ) -> Result<ControlContext, ContextError> {
         let value = value.ok_or(ContextError::Missing)?;
-        let line = stratus_tiering::RequestLine { method, target };
-        let ctx = ControlContext::decode(value, &self.secret, line, SystemTime::now())?;
+        if refresh {
+            return ControlContext::verify(value, &self.secret, line);
+        }
+        let acceptor = Acceptor {
+            secret: &self.secret,
+            identities: &self.identities,
+            not_before: self.started,
+        };
+        let ctx = ControlContext::decode(value, &acceptor, line, now)?;
+        let held = self.replays.entry_count();
+        self.metrics
+            .replay_cache_entries
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+        self.metrics.replay_cache_bytes.set(
+            i64::try_from(held)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(REPLAY_ENTRY_BYTES),
+        );
+        if held >= REPLAY_LIMIT {
+            return Err(ContextError::ReplayCacheFull);
+        }
         let fresh = self
             .replays
-            .entry(format!("{}/{}", ctx.sender(), ctx.request_id()))
+            .entry(ctx.nonce().to_string())
             .or_insert(())
             .is_fresh();
         if fresh {
@@ -126,6 +213,28 @@ impl Tier {
         } else {
             Err(ContextError::Replayed)
         }
+    }
+
+    /// The readiness probe a lower sends `member`: the health path with a signed context, so
+    /// a member with another secret or a skewed clock refuses it as it would a request.
+    fn probe_request(&self, member: MemberId) -> Option<String> {
+        let identity = RequestIdentity::new(
+            "stratus-probe",
+            "probe",
+            format!("{:032x}", rand::random::<u128>()),
+            self.node_name.clone(),
+        );
+        let ctx = self.issue(&identity, member)?;
+        let value = ctx.encode(
+            &self.secret,
+            RequestLine {
+                method: "GET",
+                target: HEALTH_PATH,
+            },
+        );
+        Some(format!(
+            "GET {HEALTH_PATH} HTTP/1.1\r\nHost: stratus\r\n{CONTROL_HEADER}: {value}\r\nConnection: close\r\n\r\n"
+        ))
     }
 }
 
@@ -141,24 +250,64 @@ impl HealthTask {
         HealthTask { tier, metrics }
     }
 
-    fn spawn_probes(&self, members: &[Member]) {
-        let timeout = self.tier.settings.connect_timeout + self.tier.settings.read_timeout;
-        for (id, member) in members.iter().enumerate() {
-            let events = self.tier.events.clone();
-            let addr = member.addr;
-            tokio::spawn(async move {
-                let request = format!(
-                    "GET {HEALTH_PATH} HTTP/1.1\r\nHost: stratus\r\nConnection: close\r\n\r\n"
-                );
-                let ok = matches!(
-                    exchange(addr, request.as_bytes(), timeout).await,
-                    Ok((200, _))
-                );
-                let _ = events
-                    .send(HealthEvent::Probe(id, ok, Instant::now()))
-                    .await;
+    /// Probes every member, one round at a time: a round ends (each probe bounded by
+    /// `probe_timeout`) before the interval to the next begins, so probes never overlap.
+    async fn probe_rounds(tier: Arc<Tier>, members: Vec<Member>) {
+        loop {
+            tokio::time::sleep(tier.settings.probe_interval).await;
+            let round = members.iter().enumerate().map(|(id, m)| {
+                let tier = tier.clone();
+                let addr = m.addr;
+                async move {
+                    let result = match tier.probe_request(id) {
+                        Some(req) => probe(addr, &req, tier.settings.probe_timeout).await,
+                        None => Probe::Failed(ProbeFailure::Unreachable),
+                    };
+                    let _ = tier
+                        .events
+                        .send(HealthEvent::Probe(id, result, Instant::now()))
+                        .await;
+                }
             });
+            let mut set = tokio::task::JoinSet::new();
+            for p in round {
+                set.spawn(p);
+            }
+            while set.join_next().await.is_some() {}
         }
+    }
+
+    fn publish(&self, view: TierView) {
+        self.metrics.upper_down_reason.reset();
+        for (id, m) in view.members().iter().enumerate() {
+            let addr = m.addr.to_string();
+            let health = view.health(id);
+            let up = health.is_some_and(Health::is_up);
+            self.metrics
+                .upper_up
+                .with_label_values(&[addr.as_str()])
+                .set(i64::from(up));
+            if let Some(Health::Down { reason, .. }) = health {
+                let why = reason.to_string();
+                tracing::warn!(upper = %addr, reason = %why, "upper member is down");
+                self.metrics
+                    .upper_down_reason
+                    .with_label_values(&[addr.as_str(), why.as_str()])
+                    .set(1);
+            }
+        }
+        self.tier.view.store(Arc::new(view));
+    }
+}
+
+/// One readiness probe: 200 is ready, anything else says how it failed.
+async fn probe(addr: SocketAddr, request: &str, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, exchange_once(addr, request.as_bytes())).await {
+        Err(_) => Probe::Failed(ProbeFailure::TimedOut),
+        Ok(Err(ExchangeError::Connect)) => Probe::Failed(ProbeFailure::Unreachable),
+        Ok(Err(ExchangeError::Broken)) => Probe::Failed(ProbeFailure::Status(0)),
+        Ok(Ok((200, _))) => Probe::Ready,
+        Ok(Ok((status, _))) => Probe::Failed(ProbeFailure::Status(status)),
     }
 }
 
@@ -170,68 +319,80 @@ impl BackgroundService for HealthTask {
             return;
         };
         let members: Vec<Member> = book.view().members().to_vec();
-        let mut ticks = tokio::time::interval(self.tier.settings.probe_interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let prober = tokio::spawn(Self::probe_rounds(self.tier.clone(), members));
         loop {
             let changed = tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = ticks.tick() => {
-                    self.spawn_probes(&members);
-                    false
-                }
+                _ = shutdown.changed() => break,
                 event = events.recv() => match event {
-                    None => return,
-                    Some(HealthEvent::Outcome(id, outcome, at)) => book.observe(id, outcome, at),
-                    Some(HealthEvent::Probe(id, ok, at)) => book.probed(id, ok, at),
+                    None => break,
+                    Some(HealthEvent::Outcome(id, outcome, started, at)) => book.observe(id, outcome, started, at),
+                    Some(HealthEvent::Probe(id, result, at)) => {
+                        if let Probe::Failed(f) = result {
+                            tracing::debug!(member = id, failure = %f, "readiness probe failed");
+                        }
+                        book.probed(id, result, at)
+                    }
                 },
             };
             if changed {
-                let view = book.view();
-                for (id, m) in view.members().iter().enumerate() {
-                    let up = view.is_up(id);
-                    tracing::warn!(
-                        "upper member {} is now {}",
-                        m.addr,
-                        if up { "up" } else { "down" }
-                    );
-                    self.metrics
-                        .upper_up
-                        .with_label_values(&[m.addr.to_string().as_str()])
-                        .set(i64::from(up));
-                }
-                self.tier.view.store(Arc::new(view));
+                self.publish(book.view());
             }
         }
+        prober.abort();
+    }
+}
+
+/// Why an exchange failed before a status line arrived.
+#[derive(Debug)]
+enum ExchangeError {
+    /// No connection.
+    Connect,
+    /// The connection broke, or the answer was not HTTP or too large.
+    Broken,
+}
+
+async fn exchange_once(addr: SocketAddr, request: &[u8]) -> Result<(u16, Vec<u8>), ExchangeError> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|_| ExchangeError::Connect)?;
+    stream
+        .write_all(request)
+        .await
+        .map_err(|_| ExchangeError::Broken)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| ExchangeError::Broken)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_EXCHANGE_RESPONSE {
+            return Err(ExchangeError::Broken);
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&buf) {
+        Ok(httparse::Status::Complete(n)) => Ok((resp.code.unwrap_or(0), buf[n..].to_vec())),
+        _ => Err(ExchangeError::Broken),
     }
 }
 
 /// One HTTP/1.1 exchange with `Connection: close`: returns the status and body. Used for
-/// probes and cross-tier purges, where a full client would add nothing.
+/// cross-tier purges, where a full client would add nothing.
 pub async fn exchange(
     addr: SocketAddr,
     request: &[u8],
     timeout: Duration,
 ) -> anyhow::Result<(u16, Vec<u8>)> {
-    tokio::time::timeout(timeout, async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(request).await?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            anyhow::ensure!(buf.len() <= MAX_EXCHANGE_RESPONSE, "response too large");
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf)? {
-            httparse::Status::Complete(n) => Ok((resp.code.unwrap_or(0), buf[n..].to_vec())),
-            httparse::Status::Partial => anyhow::bail!("incomplete response"),
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("{addr}: no answer within {timeout:?}"))?
+    match tokio::time::timeout(timeout, exchange_once(addr, request)).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(ExchangeError::Connect)) => anyhow::bail!("{addr}: cannot connect"),
+        Ok(Err(ExchangeError::Broken)) => anyhow::bail!("{addr}: broken or invalid answer"),
+        Err(_) => anyhow::bail!("{addr}: no answer within {timeout:?}"),
+    }
 }

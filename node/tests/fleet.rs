@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use stratus_chaos::{
     client, eventually, Fleet, FleetSpec, NodeProcess, OriginEntry, Reply, TestOrigin, TEST_SECRET,
 };
-use stratus_tiering::{ControlContext, FleetSecret, RequestLine};
+use stratus_tiering::{FleetSecret, RequestIdentity, RequestLine};
 
 const HOST: &str = "example.test";
 
@@ -234,13 +234,15 @@ async fn killing_an_upper_mid_run_fails_no_request() {
 fn ctx_for(path: &str, secret: &str, issued: SystemTime, id: &str) -> String {
     let key =
         pingora_cache::key::CacheHashKey::primary(&stratus_node::policy::cache_key(HOST, path));
-    ControlContext::new(HOST, key, id, "edge-evil", issued).encode(
-        &FleetSecret::new(secret.as_bytes().to_vec()),
-        RequestLine {
-            method: "GET",
-            target: path,
-        },
-    )
+    RequestIdentity::new(HOST, key, id, "edge-evil")
+        .issue("up-1", rand::random(), issued)
+        .encode(
+            &FleetSecret::new(secret.as_bytes().to_vec()),
+            RequestLine {
+                method: "GET",
+                target: path,
+            },
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -379,7 +381,7 @@ async fn the_lower_counts_the_upper_age_against_freshness() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn purge_on_a_lower_reaches_the_owning_upper() {
+async fn purge_on_a_lower_reaches_every_upper_then_itself() {
     let (origin, fleet) = start_fleet(2, 2, "").await;
     origin.fixed("/p", Reply::ok("v").header("cache-control", "max-age=600"));
     client::get(fleet.lowers[0].listen, HOST, "/p", &[])
@@ -394,13 +396,26 @@ async fn purge_on_a_lower_reaches_the_owning_upper() {
         .await
         .expect("purge");
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-    let outcomes: Vec<&str> = v["results"]
+    let outcomes: Vec<(&str, &str)> = v["results"]
         .as_array()
         .expect("results")
         .iter()
-        .filter_map(|x| x["outcome"].as_str())
+        .filter_map(|x| Some((x["node"].as_str()?, x["outcome"].as_str()?)))
         .collect();
-    assert_eq!(outcomes, vec!["purged", "purged"], "{v}");
+    // Every upper first (the owner held it, the other did not), then this node.
+    assert_eq!(outcomes.len(), 3, "{v}");
+    assert_eq!(outcomes[2], ("edge-1", "purged"), "{v}");
+    let mut uppers: Vec<_> = outcomes[..2].to_vec();
+    uppers.sort_by_key(|(_, o)| *o);
+    assert_eq!(
+        uppers.iter().map(|(_, o)| *o).collect::<Vec<_>>(),
+        ["not_found", "purged"],
+        "{v}"
+    );
+    assert!(
+        uppers.iter().all(|(n, _)| n.starts_with("up-")),
+        "by node name: {v}"
+    );
     // edge-2 never cached it, so this goes to the upper, which must miss now.
     client::get(fleet.lowers[1].listen, HOST, "/p", &[])
         .await

@@ -1,13 +1,22 @@
 //! The control context: what a lower node tells an upper node about a request, as one typed,
 //! immutable, authenticated value carried in the `stratus-ctx` header.
 //!
+//! Two parts with two lifetimes. A [`RequestIdentity`] (origin host, cache key id, hop count,
+//! request id, sender) is frozen once per request. Each upstream attempt — a failover, a
+//! background refresh, a fetch after a lock wait — [`issues`](RequestIdentity::issue) a fresh
+//! [`ControlContext`] from it: a new issue time and nonce, addressed to one recipient member, so
+//! another upper refuses it and a replay is caught by the nonce.
+//!
 //! Fields are private and have no setters: code that needs a different context builds a new
-//! value ([`ControlContext::new`]). The wire form is `base64url(payload) "." base64url(tag)`,
-//! where `tag = HMAC-SHA256(secret, "stratus-ctx/1\n" method " " target "\n" payload)`, so the
-//! tag binds the fields to the request line they travel with. Decoding checks the size first,
-//! then the tag (constant-time, by the `hmac` crate) and only then parses the payload, so no
-//! unauthenticated bytes reach the JSON parser. Age is bounded against replay; exact replays
-//! inside that window are caught by the upper node's replay cache (it keys on the request id).
+//! value. The wire form is `base64url(payload) "." base64url(tag)`, where
+//! `tag = HMAC-SHA256(secret, "stratus-ctx/2\n" method " " target "\n" payload)`, so the tag
+//! binds the fields to the request line they travel with. Decoding checks the size first, then
+//! the tag (constant-time, by the `hmac` crate) and only then parses the payload, so no
+//! unauthenticated bytes reach the JSON parser.
+//!
+//! An upper node answers errors it generated itself with a [`GeneratedMark`] bound to the
+//! context's nonce: the lower learns who failed (the member, its origin, or the request), and
+//! an origin — which never sees the context — cannot forge one.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +37,8 @@ pub const MAX_SKEW: Duration = Duration::from_secs(2);
 /// Hops a request may take between stratus nodes: lower → upper is one.
 pub const MAX_HOPS: u8 = 2;
 
-const DOMAIN: &[u8] = b"stratus-ctx/1\n";
+const DOMAIN: &[u8] = b"stratus-ctx/2\n";
+const MARK_DOMAIN: &[u8] = b"stratus-generated/1\n";
 const TAG_LEN: usize = 32;
 const MAX_FIELD: usize = 253;
 
@@ -63,7 +73,49 @@ pub struct RequestLine<'a> {
     pub target: &'a str,
 }
 
-/// The control context of one request between tiers.
+/// What a request is, independent of any attempt: frozen once when the request is admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestIdentity {
+    origin_host: String,
+    cache_key: String,
+    hops: u8,
+    request_id: String,
+    sender: String,
+}
+
+impl RequestIdentity {
+    /// The identity of a request a lower node forwards for the first time (one hop).
+    pub fn new(
+        origin_host: impl Into<String>,
+        cache_key: impl Into<String>,
+        request_id: impl Into<String>,
+        sender: impl Into<String>,
+    ) -> RequestIdentity {
+        RequestIdentity {
+            origin_host: origin_host.into(),
+            cache_key: cache_key.into(),
+            hops: 1,
+            request_id: request_id.into(),
+            sender: sender.into(),
+        }
+    }
+
+    /// A fresh context for one attempt to `recipient` (the member's name or address).
+    pub fn issue(&self, recipient: &str, nonce: u128, now: SystemTime) -> ControlContext {
+        ControlContext {
+            origin_host: self.origin_host.clone(),
+            cache_key: self.cache_key.clone(),
+            hops: self.hops,
+            request_id: self.request_id.clone(),
+            sender: self.sender.clone(),
+            issued_at_ms: millis(now),
+            nonce: format!("{nonce:032x}"),
+            recipient: recipient.to_string(),
+        }
+    }
+}
+
+/// The control context of one attempt between tiers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlContext {
@@ -79,6 +131,22 @@ pub struct ControlContext {
     sender: String,
     #[serde(rename = "t")]
     issued_at_ms: u64,
+    #[serde(rename = "n")]
+    nonce: String,
+    #[serde(rename = "to")]
+    recipient: String,
+}
+
+/// What an upper node checks a received context against, besides the secret.
+#[derive(Debug, Clone, Copy)]
+pub struct Acceptor<'a> {
+    /// The fleet secret.
+    pub secret: &'a FleetSecret,
+    /// Names this node answers to as a recipient (its `node.name` and its listen address).
+    pub identities: &'a [String],
+    /// When this node started: contexts issued earlier are refused, so a replay does not
+    /// survive a restart (which empties the replay cache).
+    pub not_before: SystemTime,
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -87,24 +155,6 @@ fn millis(t: SystemTime) -> u64 {
 }
 
 impl ControlContext {
-    /// A context for a request a lower node forwards for the first time (one hop).
-    pub fn new(
-        origin_host: impl Into<String>,
-        cache_key: impl Into<String>,
-        request_id: impl Into<String>,
-        sender: impl Into<String>,
-        issued_at: SystemTime,
-    ) -> ControlContext {
-        ControlContext {
-            origin_host: origin_host.into(),
-            cache_key: cache_key.into(),
-            hops: 1,
-            request_id: request_id.into(),
-            sender: sender.into(),
-            issued_at_ms: millis(issued_at),
-        }
-    }
-
     /// The host whose `[[origin]]` the upper node must use.
     pub fn origin_host(&self) -> &str {
         &self.origin_host
@@ -128,6 +178,16 @@ impl ControlContext {
     /// The `node.name` of the sender.
     pub fn sender(&self) -> &str {
         &self.sender
+    }
+
+    /// This attempt's nonce: what the replay cache remembers.
+    pub fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
+    /// The one member this context is addressed to.
+    pub fn recipient(&self) -> &str {
+        &self.recipient
     }
 
     /// When the sender issued it.
@@ -158,12 +218,12 @@ impl ControlContext {
         )
     }
 
-    /// Verifies and reads a `stratus-ctx` value received with `line` at time `now`.
-    pub fn decode(
+    /// Checks the tag and the fields of a `stratus-ctx` value, but neither its time nor its
+    /// recipient: for a refresh this node spawned itself from a request it already accepted.
+    pub fn verify(
         value: &str,
         secret: &FleetSecret,
         line: RequestLine<'_>,
-        now: SystemTime,
     ) -> Result<ControlContext, ContextError> {
         if value.len() > MAX_ENCODED_LEN {
             return Err(ContextError::TooLarge);
@@ -188,12 +248,29 @@ impl ControlContext {
             &ctx.cache_key,
             &ctx.request_id,
             &ctx.sender,
+            &ctx.nonce,
+            &ctx.recipient,
         ];
         if fields.iter().any(|f| f.is_empty() || f.len() > MAX_FIELD) {
             return Err(ContextError::Malformed);
         }
         if ctx.hops == 0 || ctx.hops > MAX_HOPS {
             return Err(ContextError::TooManyHops);
+        }
+        Ok(ctx)
+    }
+
+    /// Verifies and reads a `stratus-ctx` value received with `line` at time `now`: the tag,
+    /// the recipient, the issue time against this node's start, and the age window.
+    pub fn decode(
+        value: &str,
+        acceptor: &Acceptor<'_>,
+        line: RequestLine<'_>,
+        now: SystemTime,
+    ) -> Result<ControlContext, ContextError> {
+        let ctx = Self::verify(value, acceptor.secret, line)?;
+        if !acceptor.identities.contains(&ctx.recipient) {
+            return Err(ContextError::WrongRecipient);
         }
         let now_ms = millis(now);
         let max_age = u64::try_from(MAX_AGE.as_millis()).unwrap_or(u64::MAX);
@@ -204,8 +281,92 @@ impl ControlContext {
         if now_ms.saturating_sub(ctx.issued_at_ms) > max_age {
             return Err(ContextError::Expired);
         }
+        if ctx.issued_at_ms < millis(acceptor.not_before) {
+            return Err(ContextError::BeforeStart);
+        }
         Ok(ctx)
     }
+
+    fn mark_tag(&self, secret: &FleetSecret, blame: Blame, detail: &str) -> Hmac<Sha256> {
+        let mut mac = secret.mac();
+        mac.update(MARK_DOMAIN);
+        mac.update(self.nonce.as_bytes());
+        mac.update(b"\n");
+        mac.update(blame.as_str().as_bytes());
+        mac.update(b" ");
+        mac.update(detail.as_bytes());
+        mac
+    }
+
+    /// The `stratus-generated` value an upper puts on an error it generated while serving
+    /// this context: who failed, why, and a tag only a holder of the secret who saw this
+    /// context's nonce can make.
+    pub fn mark(&self, secret: &FleetSecret, blame: Blame, detail: &str) -> String {
+        let tag = self.mark_tag(secret, blame, detail).finalize().into_bytes();
+        format!(
+            "{}; {}; {}",
+            blame.as_str(),
+            detail,
+            URL_SAFE_NO_PAD.encode(tag)
+        )
+    }
+
+    /// Reads a `stratus-generated` value received in answer to this context. `None` when it
+    /// is not a valid mark for this context (an origin's header, a forgery, another nonce).
+    pub fn read_mark(&self, secret: &FleetSecret, value: &str) -> Option<GeneratedMark> {
+        let mut parts = value.splitn(3, ';').map(str::trim);
+        let blame = Blame::parse(parts.next()?)?;
+        let detail = parts.next()?;
+        let tag = URL_SAFE_NO_PAD.decode(parts.next()?).ok()?;
+        if detail.len() > MAX_FIELD || tag.len() != TAG_LEN {
+            return None;
+        }
+        self.mark_tag(secret, blame, detail)
+            .verify_slice(&tag)
+            .ok()?;
+        Some(GeneratedMark {
+            blame,
+            detail: detail.to_string(),
+        })
+    }
+}
+
+/// Who an upper node says caused an error it generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Blame {
+    /// The member itself: it refused the context, lacks the origin, or broke.
+    Member,
+    /// The origin behind the member: unreachable, timed out, or answered nonsense.
+    Origin,
+    /// The request: a loop or a malformed request, whoever forwards it.
+    Request,
+}
+
+impl Blame {
+    /// Every variant, for exhaustive tests.
+    pub const ALL: [Blame; 3] = [Blame::Member, Blame::Origin, Blame::Request];
+
+    /// The wire token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::Member => "member",
+            Blame::Origin => "origin",
+            Blame::Request => "request",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Blame> {
+        Blame::ALL.into_iter().find(|b| b.as_str() == s)
+    }
+}
+
+/// A verified `stratus-generated` mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedMark {
+    /// Who failed.
+    pub blame: Blame,
+    /// The upper's `Cache-Status` detail, e.g. `read-timeout`.
+    pub detail: String,
 }
 
 #[cfg(test)]

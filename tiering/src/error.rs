@@ -45,6 +45,15 @@ pub enum ContextError {
     /// More hops than a fleet has tiers: a loop.
     #[error("too many hops")]
     TooManyHops,
+    /// Addressed to another member.
+    #[error("control context addressed to another member")]
+    WrongRecipient,
+    /// Issued before this node started: a replay across a restart.
+    #[error("control context issued before this node started")]
+    BeforeStart,
+    /// The replay cache is full; refusing is the only safe answer (fail closed).
+    #[error("replay cache full")]
+    ReplayCacheFull,
 }
 
 impl ContextError {
@@ -59,6 +68,9 @@ impl ContextError {
             ContextError::FromFuture => "future-context",
             ContextError::Replayed => "replayed-context",
             ContextError::TooManyHops => "loop",
+            ContextError::WrongRecipient => "misdirected-context",
+            ContextError::BeforeStart => "context-before-start",
+            ContextError::ReplayCacheFull => "replay-cache-full",
         }
     }
 }

@@ -17,10 +17,14 @@ pub enum Health {
         /// Consecutive failures so far.
         failures: u32,
     },
-    /// Takes no traffic until a probe succeeds.
+    /// Takes no traffic until enough readiness probes succeed in a row.
     Down {
         /// When it was marked down.
         since: Instant,
+        /// Why.
+        reason: DownReason,
+        /// Consecutive successful probes since (hysteresis: `rise` bring it back).
+        successes: u32,
     },
 }
 
@@ -31,8 +35,57 @@ impl Health {
     }
 }
 
-/// What one upstream attempt to a member did, as the request path reports it.
+/// Why a member is down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownReason {
+    /// Requests failed `failure_threshold` times in a row; the last one like this.
+    Requests(Outcome),
+    /// The last readiness probe failed like this.
+    Probe(ProbeFailure),
+}
+
+impl std::fmt::Display for DownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownReason::Requests(o) => write!(f, "requests failed: {}", o.label()),
+            DownReason::Probe(p) => write!(f, "probe failed: {p}"),
+        }
+    }
+}
+
+/// How a readiness probe failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeFailure {
+    /// No connection.
+    Unreachable,
+    /// No answer within the probe timeout.
+    TimedOut,
+    /// An answer other than 200, e.g. 403 when the member refuses our signed context (a wrong
+    /// secret or a skewed clock).
+    Status(u16),
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeFailure::Unreachable => f.write_str("unreachable"),
+            ProbeFailure::TimedOut => f.write_str("timeout"),
+            ProbeFailure::Status(s) => write!(f, "status {s}"),
+        }
+    }
+}
+
+/// What one readiness probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// 200: the member accepted a signed context like a real request's.
+    Ready,
+    /// Anything else.
+    Failed(ProbeFailure),
+}
+
+/// What one upstream attempt to a member did, as the request path reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// The member answered (an origin's own 5xx passed through counts as an answer).
     Answered,
@@ -125,25 +178,54 @@ pub fn route(key: &[u8], view: &TierView, max_hops: usize) -> Route {
 pub struct HealthBook {
     ring: Arc<Ring>,
     health: Vec<Health>,
+    /// When each member last came back up: failures of attempts that started earlier were
+    /// about the old episode and must not eject it again.
+    returned: Vec<Option<Instant>>,
     failure_threshold: u32,
+    rise: u32,
     version: u64,
 }
 
 impl HealthBook {
     /// Every member starts up: a fresh lower must not refuse traffic before its first probe.
-    pub fn new(ring: Ring, failure_threshold: u32) -> HealthBook {
+    /// `failure_threshold` consecutive failures mark a member down; `rise` consecutive ready
+    /// probes bring it back.
+    pub fn new(ring: Ring, failure_threshold: u32, rise: u32) -> HealthBook {
         let n = ring.members().len();
         HealthBook {
             ring: Arc::new(ring),
             health: vec![Health::Up { failures: 0 }; n],
+            returned: vec![None; n],
             failure_threshold: failure_threshold.max(1),
+            rise: rise.max(1),
             version: 0,
         }
     }
 
-    /// Folds one request outcome. Returns true if the member's up/down state changed.
-    /// Outcomes about a down member are ignored: only a probe brings it back.
-    pub fn observe(&mut self, id: MemberId, outcome: Outcome, now: Instant) -> bool {
+    /// Folds the outcome of an attempt that started at `started`. Returns true if the
+    /// member's up/down state changed. Outcomes about a down member are ignored (only probes
+    /// bring it back), and so are failures of attempts older than the member's return.
+    pub fn observe(
+        &mut self,
+        id: MemberId,
+        outcome: Outcome,
+        started: Instant,
+        now: Instant,
+    ) -> bool {
+        if outcome.is_failure()
+            && self
+                .returned
+                .get(id)
+                .copied()
+                .flatten()
+                .is_some_and(|r| started < r)
+        {
+            return false;
+        }
+        self.fold(id, outcome, DownReason::Requests(outcome), now)
+    }
+
+    fn fold(&mut self, id: MemberId, outcome: Outcome, reason: DownReason, now: Instant) -> bool {
         let threshold = self.failure_threshold;
         let Some(h) = self.health.get_mut(id) else {
             return false;
@@ -156,7 +238,11 @@ impl HealthBook {
             (Health::Up { failures }, true) => {
                 let failures = failures.saturating_add(1);
                 if failures >= threshold {
-                    *h = Health::Down { since: now };
+                    *h = Health::Down {
+                        since: now,
+                        reason,
+                        successes: 0,
+                    };
                     self.version += 1;
                     true
                 } else {
@@ -168,18 +254,59 @@ impl HealthBook {
         }
     }
 
-    /// Folds one active probe result. A success brings a down member back; a failure counts
-    /// like a request failure. Returns true if the up/down state changed.
-    pub fn probed(&mut self, id: MemberId, ok: bool, now: Instant) -> bool {
-        match (self.health.get(id).copied(), ok) {
-            (Some(Health::Down { .. }), true) => {
-                self.health[id] = Health::Up { failures: 0 };
-                self.version += 1;
-                true
+    /// Folds one readiness probe. `rise` ready probes in a row bring a down member back; a
+    /// failed probe counts like a request failure. Returns true if the up/down state changed.
+    pub fn probed(&mut self, id: MemberId, probe: Probe, now: Instant) -> bool {
+        let rise = self.rise;
+        let Some(h) = self.health.get_mut(id) else {
+            return false;
+        };
+        match (*h, probe) {
+            (
+                Health::Down {
+                    since,
+                    reason,
+                    successes,
+                },
+                Probe::Ready,
+            ) => {
+                let successes = successes + 1;
+                if successes >= rise {
+                    *h = Health::Up { failures: 0 };
+                    self.returned[id] = Some(now);
+                    self.version += 1;
+                    true
+                } else {
+                    *h = Health::Down {
+                        since,
+                        reason,
+                        successes,
+                    };
+                    false
+                }
             }
-            (Some(Health::Down { .. }), false) | (None, _) => false,
-            (Some(Health::Up { .. }), true) => self.observe(id, Outcome::Answered, now),
-            (Some(Health::Up { .. }), false) => self.observe(id, Outcome::ConnectFailed, now),
+            (Health::Down { since, .. }, Probe::Failed(f)) => {
+                *h = Health::Down {
+                    since,
+                    reason: DownReason::Probe(f),
+                    successes: 0,
+                };
+                false
+            }
+            (Health::Up { .. }, Probe::Ready) => self.fold(
+                id,
+                Outcome::Answered,
+                DownReason::Requests(Outcome::Answered),
+                now,
+            ),
+            (Health::Up { .. }, Probe::Failed(f)) => {
+                let outcome = match f {
+                    ProbeFailure::Unreachable => Outcome::ConnectFailed,
+                    ProbeFailure::TimedOut => Outcome::TimedOut,
+                    ProbeFailure::Status(_) => Outcome::MemberError,
+                };
+                self.fold(id, outcome, DownReason::Probe(f), now)
+            }
         }
     }
 

@@ -116,3 +116,55 @@ fn hosts_normalise() {
     assert_eq!(normalize_host(""), None);
     assert_eq!(normalize_host("a/b"), None);
 }
+
+const TIERED: &str = r#"
+[node]
+name = "edge-1"
+role = "lower"
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9080"
+
+[tier]
+secret = "0123456789abcdef0123456789abcdef"
+upper = ["127.0.0.1:8180", { addr = "127.0.0.1:8181", weight = 2, name = "up-2" }]
+"#;
+
+#[test]
+fn tier_timeouts_nest_around_the_origins() {
+    // Not set: derived above the longest origin wait, and explained.
+    let origin =
+        "\n[[origin]]\nhost = \"a.test\"\naddress = \"127.0.0.1:9000\"\nread_timeout = \"10s\"\n";
+    let c = Config::parse(&format!("{TIERED}{origin}"), Path::new(".")).expect("valid");
+    let t = c.tier.as_ref().expect("tier");
+    assert_eq!(
+        t.read_timeout,
+        Duration::from_secs(2 + 10) + TIER_NEST_MARGIN
+    );
+    assert!(t.read_timeout_derived);
+    assert!(
+        c.notes()[0].starts_with("tier.read_timeout: not set; derived"),
+        "{:?}",
+        c.notes()
+    );
+    assert_eq!(t.upper[0].recipient(), "127.0.0.1:8180");
+    assert_eq!(t.upper[1].recipient(), "up-2");
+    assert_eq!((t.rise, t.probe_timeout), (2, Duration::from_secs(1)));
+    // Set, but not longer than an upper's wait for its origin: refused, saying why.
+    let short = TIERED.replace("upper = [", "read_timeout = \"12s\"\nupper = [");
+    let problems = Config::parse(&format!("{short}{origin}"), Path::new(".")).expect_err("nests");
+    assert_eq!(keys(&problems), vec!["tier.read_timeout"]);
+    assert!(
+        problems[0].message.contains("12s"),
+        "{}",
+        problems[0].message
+    );
+    let long = TIERED.replace("upper = [", "read_timeout = \"13s\"\nupper = [");
+    assert!(Config::parse(&format!("{long}{origin}"), Path::new(".")).is_ok());
+    // With default origins (2 s + 30 s), the old 5 s default would not nest.
+    let c = Config::parse(
+        &format!("{TIERED}\n[[origin]]\nhost = \"a.test\"\naddress = \"127.0.0.1:9000\"\n"),
+        Path::new("."),
+    )
+    .expect("valid");
+    assert_eq!(c.tier.expect("tier").read_timeout, Duration::from_secs(35));
+}

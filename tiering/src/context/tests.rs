@@ -1,5 +1,6 @@
-//! Encode → decode is the identity; any alteration, wrong secret, truncation, oversize or age
-//! outside the window is refused.
+//! Encode → decode is the identity; any alteration, wrong secret, truncation, oversize, age
+//! outside the window, another recipient or an issue time before the node started is refused;
+//! each attempt's context is fresh and a generated mark is bound to its context.
 
 use super::*;
 use proptest::prelude::*;
@@ -16,6 +17,28 @@ fn at(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+const ME: &str = "up-1";
+
+fn identities() -> Vec<String> {
+    vec![ME.to_string(), "127.0.0.1:8180".to_string()]
+}
+
+/// Decodes as the upper `up-1`, started at time 0.
+fn decode_at(
+    v: &str,
+    s: &FleetSecret,
+    l: RequestLine<'_>,
+    now: SystemTime,
+) -> Result<ControlContext, ContextError> {
+    let ids = identities();
+    let acceptor = Acceptor {
+        secret: s,
+        identities: &ids,
+        not_before: at(0),
+    };
+    ControlContext::decode(v, &acceptor, l, now)
+}
+
 fn field() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9._:-]{1,60}"
 }
@@ -27,10 +50,11 @@ fn any_ctx() -> impl Strategy<Value = (ControlContext, u64)> {
         "[0-9a-f]{32}",
         field(),
         1_000_000u64..4_000_000_000_000,
+        any::<u128>(),
     )
-        .prop_map(|(host, key, id, sender, issued)| {
+        .prop_map(|(host, key, id, sender, issued, nonce)| {
             (
-                ControlContext::new(host, key, id, sender, at(issued)),
+                RequestIdentity::new(host, key, id, sender).issue(ME, nonce, at(issued)),
                 issued,
             )
         })
@@ -44,7 +68,7 @@ proptest! {
         let s = secret(7);
         let v = ctx.encode(&s, line("GET", &target));
         prop_assert!(v.len() <= MAX_ENCODED_LEN);
-        let back = ControlContext::decode(&v, &s, line("GET", &target), at(issued + delay));
+        let back = decode_at(&v, &s, line("GET", &target), at(issued + delay));
         prop_assert_eq!(back, Ok(ctx));
     }
 
@@ -55,16 +79,16 @@ proptest! {
         let i = pos.index(bytes.len());
         bytes[i] ^= 1 << bit;
         let altered = String::from_utf8_lossy(&bytes).into_owned();
-        prop_assert!(ControlContext::decode(&altered, &s, line("GET", "/x"), at(issued)).is_err());
+        prop_assert!(decode_at(&altered, &s, line("GET", "/x"), at(issued)).is_err());
     }
 
     #[test]
     fn wrong_secret_or_other_request_line_is_refused((ctx, issued) in any_ctx(), other in 0u8..255) {
         prop_assume!(other != 7);
         let v = ctx.encode(&secret(7), line("GET", "/x"));
-        prop_assert_eq!(ControlContext::decode(&v, &secret(other), line("GET", "/x"), at(issued)), Err(ContextError::BadSignature));
-        prop_assert_eq!(ControlContext::decode(&v, &secret(7), line("GET", "/y"), at(issued)), Err(ContextError::BadSignature));
-        prop_assert_eq!(ControlContext::decode(&v, &secret(7), line("HEAD", "/x"), at(issued)), Err(ContextError::BadSignature));
+        prop_assert_eq!(decode_at(&v, &secret(other), line("GET", "/x"), at(issued)), Err(ContextError::BadSignature));
+        prop_assert_eq!(decode_at(&v, &secret(7), line("GET", "/y"), at(issued)), Err(ContextError::BadSignature));
+        prop_assert_eq!(decode_at(&v, &secret(7), line("HEAD", "/x"), at(issued)), Err(ContextError::BadSignature));
     }
 
     #[test]
@@ -72,26 +96,26 @@ proptest! {
         let s = secret(7);
         let v = ctx.encode(&s, line("GET", "/x"));
         let n = cut.index(v.len());
-        prop_assert!(ControlContext::decode(&v[..n], &s, line("GET", "/x"), at(issued)).is_err());
+        prop_assert!(decode_at(&v[..n], &s, line("GET", "/x"), at(issued)).is_err());
     }
 
     #[test]
     fn arbitrary_input_is_refused_never_a_panic(junk in "[ -~]{0,1100}", now in any::<u64>()) {
-        let r = ControlContext::decode(&junk, &secret(7), line("GET", "/"), at(now % 4_000_000_000_000));
+        let r = decode_at(&junk, &secret(7), line("GET", "/"), at(now % 4_000_000_000_000));
         prop_assert!(r.is_err());
     }
 
     #[test]
     fn oversized_is_refused(junk in "[A-Za-z0-9_.-]{1025,3000}") {
-        prop_assert_eq!(ControlContext::decode(&junk, &secret(7), line("GET", "/"), at(0)), Err(ContextError::TooLarge));
+        prop_assert_eq!(decode_at(&junk, &secret(7), line("GET", "/"), at(0)), Err(ContextError::TooLarge));
     }
 
     #[test]
     fn outside_the_age_window_is_refused((ctx, issued) in any_ctx(), late in 10_001u64..1_000_000, early in 2_001u64..1_000_000) {
         let s = secret(7);
         let v = ctx.encode(&s, line("GET", "/x"));
-        prop_assert_eq!(ControlContext::decode(&v, &s, line("GET", "/x"), at(issued + late)), Err(ContextError::Expired));
-        prop_assert_eq!(ControlContext::decode(&v, &s, line("GET", "/x"), at(issued - early)), Err(ContextError::FromFuture));
+        prop_assert_eq!(decode_at(&v, &s, line("GET", "/x"), at(issued + late)), Err(ContextError::Expired));
+        prop_assert_eq!(decode_at(&v, &s, line("GET", "/x"), at(issued - early)), Err(ContextError::FromFuture));
     }
 }
 
@@ -103,11 +127,60 @@ fn debug_never_prints_the_secret() {
 #[test]
 fn hops_beyond_the_limit_are_a_loop() {
     let s = secret(1);
-    let mut ctx = ControlContext::new("h", "k", "r", "n", at(5_000));
+    let mut ctx = RequestIdentity::new("h", "k", "r", "n").issue(ME, 1, at(5_000));
     ctx.hops = MAX_HOPS + 1;
     let v = ctx.encode(&s, line("GET", "/"));
     assert_eq!(
-        ControlContext::decode(&v, &s, line("GET", "/"), at(5_000)),
+        decode_at(&v, &s, line("GET", "/"), at(5_000)),
         Err(ContextError::TooManyHops)
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Each attempt's context is fresh: a new nonce and issue time, the same request.
+    #[test]
+    fn every_attempt_gets_a_fresh_context(a in any::<u128>(), b in any::<u128>(), t in 1_000u64..1_000_000_000) {
+        prop_assume!(a != b);
+        let id = RequestIdentity::new("example.test", "abc", "r1", "edge-1");
+        let first = id.issue(ME, a, at(t));
+        let second = id.issue(ME, b, at(t + 10_000));
+        prop_assert_ne!(first.nonce(), second.nonce());
+        prop_assert_eq!(first.request_id(), second.request_id());
+        prop_assert_eq!(second.issued_at(), at(t + 10_000));
+    }
+
+    /// A context addressed to one member is refused by every other, and by this one for an
+    /// issue time before it started (a replay across a restart).
+    #[test]
+    fn bound_to_its_recipient_and_to_the_node_lifetime((ctx, issued) in any_ctx(), other in "up-[2-9]|10\\.0\\.0\\.[0-9]:80") {
+        let s = secret(7);
+        let v = ctx.encode(&s, line("GET", "/x"));
+        let ids = vec![other];
+        let elsewhere = Acceptor { secret: &s, identities: &ids, not_before: at(0) };
+        prop_assert_eq!(ControlContext::decode(&v, &elsewhere, line("GET", "/x"), at(issued)), Err(ContextError::WrongRecipient));
+        let ids = identities();
+        let restarted = Acceptor { secret: &s, identities: &ids, not_before: at(issued + 1) };
+        prop_assert_eq!(ControlContext::decode(&v, &restarted, line("GET", "/x"), at(issued + 2)), Err(ContextError::BeforeStart));
+    }
+
+    /// A mark verifies only with the context it answers: another nonce, another blame, another
+    /// detail or a made-up tag is not a mark.
+    #[test]
+    fn marks_are_bound_to_their_context(a in any::<u128>(), b in any::<u128>(), detail in "[a-z-]{1,30}", junk in "[ -~]{0,80}") {
+        prop_assume!(a != b);
+        let s = secret(7);
+        let id = RequestIdentity::new("example.test", "abc", "r1", "edge-1");
+        let (mine, other) = (id.issue(ME, a, at(5)), id.issue(ME, b, at(5)));
+        for blame in Blame::ALL {
+            let m = mine.mark(&s, blame, &detail);
+            prop_assert_eq!(mine.read_mark(&s, &m), Some(GeneratedMark { blame, detail: detail.clone() }));
+            prop_assert_eq!(other.read_mark(&s, &m), None);
+            prop_assert_eq!(mine.read_mark(&secret(8), &m), None);
+            let swapped = m.replacen(blame.as_str(), if blame == Blame::Origin { "member" } else { "origin" }, 1);
+            prop_assert_eq!(mine.read_mark(&s, &swapped), None);
+        }
+        prop_assert_eq!(mine.read_mark(&s, &junk), None);
+    }
 }

@@ -20,7 +20,7 @@ fn book(weights: &[u32]) -> HealthBook {
         .enumerate()
         .map(|(i, &w)| member(i as u16, w))
         .collect();
-    HealthBook::new(Ring::new(members).expect("valid ring"), 3)
+    HealthBook::new(Ring::new(members).expect("valid ring"), 3, 2)
 }
 
 fn keys(n: usize) -> impl Iterator<Item = String> {
@@ -36,7 +36,7 @@ proptest! {
         let mut b = book(&weights);
         let now = Instant::now();
         for (id, &d) in down.iter().enumerate().take(weights.len()) {
-            if d { for _ in 0..3 { b.observe(id, Outcome::ConnectFailed, now); } }
+            if d { for _ in 0..3 { b.observe(id, Outcome::ConnectFailed, now, now); } }
         }
         let view = b.view();
         let any_up = (0..weights.len()).any(|id| view.is_up(id));
@@ -105,34 +105,97 @@ fn weights_shift_shares_proportionally() {
 }
 
 #[test]
-fn health_needs_threshold_failures_and_a_probe_to_return() {
+fn health_needs_threshold_failures_and_ready_probes_to_return() {
     let mut b = book(&[1, 1]);
     let t0 = Instant::now();
-    assert!(!b.observe(0, Outcome::ConnectFailed, t0));
+    let s = |secs: u64| t0 + Duration::from_secs(secs);
+    assert!(!b.observe(0, Outcome::ConnectFailed, t0, t0));
     assert!(
-        !b.observe(0, Outcome::Answered, t0),
+        !b.observe(0, Outcome::Answered, t0, t0),
         "a success resets the count"
     );
-    assert!(!b.observe(0, Outcome::TimedOut, t0));
-    assert!(!b.observe(0, Outcome::Reset, t0));
+    assert!(!b.observe(0, Outcome::TimedOut, t0, t0));
+    assert!(!b.observe(0, Outcome::Reset, t0, t0));
     assert!(
-        b.observe(0, Outcome::MemberError, t0),
+        b.observe(0, Outcome::MemberError, t0, t0),
         "third consecutive failure marks it down"
     );
     assert!(!b.view().is_up(0));
+    assert!(matches!(
+        b.view().health(0),
+        Some(Health::Down {
+            reason: DownReason::Requests(Outcome::MemberError),
+            ..
+        })
+    ));
     assert!(
-        !b.observe(0, Outcome::Answered, t0 + Duration::from_secs(1)),
+        !b.observe(0, Outcome::Answered, s(1), s(1)),
         "only a probe brings it back"
     );
-    assert!(!b.probed(0, false, t0 + Duration::from_secs(2)));
+    let refused = Probe::Failed(ProbeFailure::Status(403));
+    assert!(!b.probed(0, refused, s(2)));
+    assert_eq!(
+        b.view().health(0).map(|h| match h {
+            Health::Down { reason, .. } => reason.to_string(),
+            Health::Up { .. } => "up".into(),
+        }),
+        Some("probe failed: status 403".to_string()),
+        "/ring says why"
+    );
     let before = b.view().version();
-    assert!(b.probed(0, true, t0 + Duration::from_secs(3)));
+    assert!(
+        !b.probed(0, Probe::Ready, s(3)),
+        "one ready probe is not enough (rise 2)"
+    );
+    assert!(!b.probed(0, refused, s(4)), "a failure restarts the count");
+    assert!(!b.probed(0, Probe::Ready, s(5)));
+    assert!(b.probed(0, Probe::Ready, s(6)));
     assert!(b.view().is_up(0));
     assert!(b.view().version() > before);
+    for _ in 0..3 {
+        assert!(
+            !b.observe(0, Outcome::TimedOut, s(4), s(7)),
+            "failures of attempts that began before the return do not eject it again"
+        );
+    }
+    assert!(b.view().is_up(0));
     assert!(
-        !b.observe(9, Outcome::Reset, t0),
+        !b.observe(9, Outcome::Reset, t0, t0),
         "unknown members are ignored"
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Whatever sequence of outcomes and probes arrives, a member goes down only after
+    /// `threshold` consecutive failures and comes back only after `rise` ready probes in a row.
+    #[test]
+    fn transitions_follow_threshold_and_rise(events in prop::collection::vec((any::<bool>(), any::<bool>()), 1..200)) {
+        let mut b = book(&[1]);
+        let t0 = Instant::now();
+        let (mut fails, mut readies) = (0u32, 0u32);
+        for (i, (is_probe, ok)) in events.into_iter().enumerate() {
+            let now = t0 + Duration::from_millis(i as u64 * 10);
+            let was_up = b.view().is_up(0);
+            let changed = if is_probe {
+                b.probed(0, if ok { Probe::Ready } else { Probe::Failed(ProbeFailure::TimedOut) }, now)
+            } else {
+                b.observe(0, if ok { Outcome::Answered } else { Outcome::Reset }, now, now)
+            };
+            if was_up {
+                fails = if ok { 0 } else { fails + 1 };
+                prop_assert_eq!(changed, fails >= 3);
+                if changed { fails = 0; readies = 0; }
+            } else if is_probe {
+                readies = if ok { readies + 1 } else { 0 };
+                prop_assert_eq!(changed, readies >= 2);
+                if changed { readies = 0; }
+            } else {
+                prop_assert!(!changed, "requests never bring a member back");
+            }
+        }
+    }
 }
 
 #[test]

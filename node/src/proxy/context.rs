@@ -1,0 +1,121 @@
+//! The per-request state Pingora hands every phase: the frozen [`RequestContext`], the
+//! [`Progress`] that moves as the request is served, and the observer's [`TraceState`].
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use stratus_tiering::{Blame, ControlContext, MemberId, Party, RequestIdentity, Route};
+use stratus_tracing::{AttemptTrace, RequestTrace};
+
+use crate::errors::Generated;
+
+/// Everything that describes a request, decided once in `request_filter` and then frozen.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Fleet-unique request id (128 random bits, hex).
+    pub id: String,
+    /// The origin's host, lowercased, without port: from Host (lower) or the context (upper).
+    /// It is also the Host sent upstream, so the key names exactly what is fetched.
+    pub host: String,
+    /// Index into `config.origins` of the origin serving `host`.
+    pub origin: usize,
+    /// The exact path and query the cache key is built from, and the target sent upstream.
+    pub path_and_query: String,
+    /// The cache key's primary string; lower nodes hash these bytes onto the ring.
+    pub primary_key: String,
+    /// GET or HEAD: the cache may be used.
+    pub method_cacheable: bool,
+    /// Lower (tiered): what each attempt's fresh control context says about the request.
+    pub identity: Option<RequestIdentity>,
+    /// Upper: the verified control context the request arrived with.
+    pub received: Option<ControlContext>,
+}
+
+/// One upstream attempt's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// An upper-tier member.
+    Upper(MemberId, SocketAddr),
+    /// The origin of the request's `[[origin]]`.
+    Origin,
+}
+
+/// One upstream attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// Where it went.
+    pub hop: Hop,
+    /// When it began: health ignores failures of attempts older than a member's return.
+    pub started: Instant,
+    /// To an upper: the fresh context issued for this attempt alone.
+    pub context: Option<ControlContext>,
+}
+
+/// What changes while a request is served. Observers read it; only phases write it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// A response stratus wrote itself.
+    pub generated: Option<Generated>,
+    /// Status of the current attempt's response, when one arrived.
+    pub upstream_status: Option<u16>,
+    /// The route, fixed at the first upstream attempt (lower nodes with upper members).
+    pub route: Option<Route>,
+    /// Every upstream attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// An upper's verified account of an error it generated for the current attempt.
+    pub marked: Option<Blame>,
+    /// Who the last upstream failure was blamed on: what a generated error says and marks.
+    pub blame: Option<Party>,
+}
+
+impl Progress {
+    /// How many attempts went to upper members so far.
+    pub fn upper_attempts(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| matches!(a.hop, Hop::Upper(..)))
+            .count()
+    }
+
+    /// How many attempts went to the origin so far.
+    pub fn origin_attempts(&self) -> usize {
+        self.attempts.len() - self.upper_attempts()
+    }
+
+    /// The current attempt's target.
+    pub fn current_hop(&self) -> Option<Hop> {
+        self.attempts.last().map(|a| a.hop)
+    }
+}
+
+/// Pingora's per-request `CTX`.
+#[derive(Debug, Default)]
+pub struct Ctx {
+    /// Set by `request_filter` for every admitted request; `None` for refused ones.
+    pub request: Option<RequestContext>,
+    /// Mutable progress.
+    pub progress: Progress,
+    /// The observer's own state: spans. Fed `&` facts only; it never sees `request`.
+    pub trace: TraceState,
+}
+
+/// Spans of one request, owned by the node and fed read-only facts.
+#[derive(Debug)]
+pub struct TraceState {
+    /// The SERVER span.
+    pub request: RequestTrace,
+    /// The CLIENT span of the current upstream attempt.
+    pub attempt: Option<AttemptTrace>,
+    /// This node's `Cache-Status` entry, once the response is known.
+    pub cache_status: String,
+}
+
+impl Default for TraceState {
+    fn default() -> Self {
+        TraceState {
+            request: RequestTrace::disabled(),
+            attempt: None,
+            cache_status: String::new(),
+        }
+    }
+}

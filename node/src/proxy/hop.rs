@@ -1,0 +1,331 @@
+//! Where each attempt goes, what it carries, and what follows when it fails.
+//!
+//! The route comes from `stratus-tiering` once per request; each attempt to an upper member
+//! gets a fresh control context addressed to that member. Every upstream failure becomes a
+//! [`Failure`] and the one decision [`stratus_tiering::decide`] says who is blamed, what the
+//! member's health hears and whether the next hop is tried; this file only gathers the facts
+//! and carries the verdict out.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use http::header;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use stratus_tiering::{
+    decide, route, Blame, Failure, HopKind, Outcome, RequestLine, Stage, Symptom, Verdict,
+};
+use stratus_tracing::UpstreamKind;
+
+use super::admission::CDN_LOOP_TOKEN;
+use super::context::{Attempt, Ctx, Hop};
+use super::{internal, Proxy};
+use crate::config::AllUpperDown;
+use crate::errors::{ALL_UPPER_DOWN, DNS_FAILED, GENERATED_HEADER, UPPER_REFUSED};
+use crate::tier::{Tier, CONTROL_HEADER, MAX_UPPER_ATTEMPTS};
+
+impl Proxy {
+    /// The tier of a lower node that routes misses to upper members.
+    pub(super) fn lower_tier(&self) -> Option<&Tier> {
+        self.tier
+            .as_deref()
+            .filter(|t| self.config.node.role == crate::config::Role::Lower && t.has_upper())
+    }
+
+    /// Whether another upstream attempt is possible after the current one. Without upper
+    /// members the origin may be asked once more (only ever for a stale pooled connection:
+    /// [`decide`] allows nothing else there).
+    fn has_next_hop(&self, ctx: &Ctx) -> bool {
+        let p = &ctx.progress;
+        let Some(tier) = self.lower_tier() else {
+            return p.origin_attempts() < 2;
+        };
+        let route_left = p
+            .route
+            .as_ref()
+            .is_some_and(|r| r.hops.len() > p.upper_attempts());
+        route_left
+            || (tier.settings.on_all_upper_down == AllUpperDown::Origin && p.origin_attempts() == 0)
+    }
+
+    /// Chooses the next hop and records the attempt: the next untried member on the route
+    /// (with a fresh context for it), else the origin when policy allows.
+    pub(super) fn next_hop(&self, ctx: &mut Ctx) -> Result<Hop> {
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("upstream without context"))?;
+        ctx.progress.upstream_status = None;
+        ctx.progress.marked = None;
+        if let Some(tier) = self.lower_tier() {
+            let tried = ctx.progress.upper_attempts();
+            let route = ctx.progress.route.get_or_insert_with(|| {
+                route(r.primary_key.as_bytes(), &tier.view(), MAX_UPPER_ATTEMPTS)
+            });
+            if let Some(&id) = route.hops.get(tried) {
+                let addr = tier
+                    .view()
+                    .members()
+                    .get(id)
+                    .map(|m| m.addr)
+                    .ok_or_else(|| internal("route names an unknown member"))?;
+                let context = r.identity.as_ref().and_then(|i| tier.issue(i, id));
+                let hop = Hop::Upper(id, addr);
+                ctx.progress.attempts.push(Attempt {
+                    hop,
+                    started: Instant::now(),
+                    context,
+                });
+                return Ok(hop);
+            }
+            let go_direct = tier.settings.on_all_upper_down == AllUpperDown::Origin
+                && ctx.progress.origin_attempts() == 0;
+            if !go_direct {
+                return Err(upstream_error(
+                    ALL_UPPER_DOWN,
+                    format!("no upper member left after {tried} attempts"),
+                    false,
+                ));
+            }
+        }
+        ctx.progress.attempts.push(Attempt {
+            hop: Hop::Origin,
+            started: Instant::now(),
+            context: None,
+        });
+        Ok(Hop::Origin)
+    }
+
+    /// The peer for `hop`, with its timeouts; starts the attempt's CLIENT span.
+    pub(super) async fn peer_for(&self, hop: Hop, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        if let (Hop::Upper(_, addr), Some(tier)) = (hop, self.tier.as_deref()) {
+            self.start_attempt(
+                ctx,
+                UpstreamKind::Upper,
+                &addr.ip().to_string(),
+                addr.port(),
+            );
+            let mut peer = HttpPeer::new(addr, false, String::new());
+            peer.options.connection_timeout = Some(tier.settings.connect_timeout);
+            peer.options.read_timeout = Some(tier.settings.read_timeout);
+            return Ok(Box::new(peer));
+        }
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("upstream without context"))?;
+        let origin = self
+            .config
+            .origins
+            .get(r.origin)
+            .ok_or_else(|| internal("origin index out of range"))?;
+        let host = r.host.clone();
+        let port = origin
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(80);
+        self.start_attempt(ctx, UpstreamKind::Origin, &host, port);
+        let addr = match resolve(&origin.address).await {
+            Ok(addr) => addr,
+            Err(e) => {
+                self.trace_failed_attempt(ctx, "dns", false);
+                return Err(e);
+            }
+        };
+        let mut peer = HttpPeer::new(addr, origin.tls, host);
+        peer.options.connection_timeout = Some(origin.connect_timeout);
+        peer.options.read_timeout = Some(origin.read_timeout);
+        self.metrics.origin_requests.inc();
+        Ok(Box::new(peer))
+    }
+
+    /// The one place the outgoing request is written, from the frozen context: the key's own
+    /// Host and target (so what is fetched is what the key names), `CDN-Loop`, this attempt's
+    /// control context (to an upper), and the trace headers of this attempt.
+    pub(super) fn write_upstream_request(
+        &self,
+        upstream: &mut RequestHeader,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("upstream request without context"))?;
+        upstream.remove_header(CONTROL_HEADER);
+        upstream.remove_header(GENERATED_HEADER);
+        let target = http::Uri::try_from(r.path_and_query.as_str())
+            .map_err(|_| internal("admitted target does not parse"))?;
+        upstream.set_uri(target);
+        upstream.insert_header(header::HOST, r.host.as_str())?;
+        upstream.append_header("cdn-loop", CDN_LOOP_TOKEN)?;
+        let attempt = ctx.progress.attempts.last();
+        if let (Some(tier), Some(control)) = (&self.tier, attempt.and_then(|a| a.context.as_ref()))
+        {
+            let line = RequestLine {
+                method: upstream.method.as_str(),
+                target: &r.path_and_query,
+            };
+            upstream.insert_header(CONTROL_HEADER, control.encode(&tier.secret, line))?;
+        }
+        // Tracing contributes only these pairs (none when it is off); they replace the
+        // caller's traceparent/tracestate so the next hop's parent is our CLIENT span.
+        if let Some(attempt) = &ctx.trace.attempt {
+            for (name, value) in attempt.headers() {
+                upstream.insert_header(name, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Response headers arrived. Control headers never pass on (an origin's
+    /// `stratus-generated` least of all); an upper's verified account of an error it
+    /// generated about itself turns the answer into a member failure.
+    pub(super) fn upstream_answered(
+        &self,
+        upstream: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream.remove_header(CONTROL_HEADER);
+        let mark = upstream
+            .headers
+            .get(GENERATED_HEADER)
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        upstream.remove_header(GENERATED_HEADER);
+        let status = upstream.status.as_u16();
+        if let (Some(tier), Some(attempt)) = (&self.tier, ctx.progress.attempts.last()) {
+            if matches!(attempt.hop, Hop::Upper(..)) {
+                // A mark that does not verify came from the member all the same (uppers strip
+                // origins' marks): a member that cannot sign is a broken member.
+                let blame = mark.map(|m| {
+                    attempt
+                        .context
+                        .as_ref()
+                        .and_then(|c| c.read_mark(&tier.secret, &m))
+                        .map_or(Blame::Member, |mark| mark.blame)
+                });
+                if blame == Some(Blame::Member) {
+                    ctx.progress.marked = blame;
+                    return Err(upstream_error(
+                        UPPER_REFUSED,
+                        format!("upper member answered {status} about itself"),
+                        false,
+                    ));
+                }
+                self.report(ctx, Outcome::Answered);
+            }
+        }
+        ctx.progress.upstream_status = Some(status);
+        if let Some(attempt) = ctx.trace.attempt.take() {
+            attempt.answered(status);
+        }
+        Ok(())
+    }
+
+    /// An upstream attempt failed at `stage`: asks the one decision who is to blame, tells
+    /// health only about a member at fault, and returns whether to try the next hop.
+    pub(super) fn upstream_failed(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        e: &Error,
+        stage: Stage,
+        stale_pooled: bool,
+    ) -> Verdict {
+        let hop = match ctx.progress.current_hop() {
+            Some(Hop::Upper(..)) => HopKind::Upper,
+            _ => HopKind::Origin,
+        };
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let failure = Failure {
+            hop,
+            stage,
+            symptom: symptom_of(e, ctx.progress.marked),
+            headers_sent: session.response_written().is_some(),
+            reused_connection: stale_pooled,
+            replayable,
+            hops_left: self.has_next_hop(ctx),
+        };
+        let verdict = decide(&failure);
+        ctx.progress.blame = Some(verdict.blame);
+        if let Some(outcome) = verdict.health {
+            self.report(ctx, outcome);
+        }
+        self.trace_failed_attempt(ctx, super::error_type(e), verdict.retry);
+        verdict
+    }
+
+    /// Reports the current attempt's outcome if it went to an upper member.
+    fn report(&self, ctx: &Ctx, outcome: Outcome) {
+        let Some(attempt) = ctx.progress.attempts.last() else {
+            return;
+        };
+        if let (Some(tier), Hop::Upper(id, addr)) = (&self.tier, attempt.hop) {
+            tier.report(id, outcome, attempt.started);
+            self.metrics
+                .upper_requests
+                .with_label_values(&[addr.to_string().as_str(), outcome.label()])
+                .inc();
+        }
+    }
+}
+
+/// How far an attempt got when an error ended it (connect failures are reported apart).
+pub(super) fn stage_of(session: &mut Session, ctx: &Ctx) -> Stage {
+    if ctx.progress.upstream_status.is_some() {
+        Stage::ReadBody
+    } else if !session.downstream_session.is_body_done() {
+        Stage::RelayRequestBody
+    } else {
+        Stage::AwaitHeaders
+    }
+}
+
+/// What a Pingora error says happened.
+fn symptom_of(e: &Error, marked: Option<Blame>) -> Symptom {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (_, Custom(UPPER_REFUSED)) => Symptom::Marked(marked.unwrap_or(Blame::Member)),
+        (ErrorSource::Downstream, _) => Symptom::ClientGone,
+        (ErrorSource::Internal, _) | (_, Custom(ALL_UPPER_DOWN)) => Symptom::Internal,
+        (_, ConnectTimedout | ReadTimedout | WriteTimedout) => Symptom::TimedOut,
+        (_, ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure) => {
+            Symptom::ConnectFailed
+        }
+        (_, Custom(DNS_FAILED)) => Symptom::ConnectFailed,
+        (_, InvalidHTTPHeader | H1Error | H2Error | InvalidH2) => Symptom::InvalidResponse,
+        _ => Symptom::Reset,
+    }
+}
+
+fn upstream_error(kind: &'static str, context: String, retry: bool) -> Box<Error> {
+    let mut e = Error::create(
+        ErrorType::Custom(kind),
+        ErrorSource::Upstream,
+        Some(context.into()),
+        None,
+    );
+    e.set_retry(retry);
+    e
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let dns_error = |why: String| {
+        Error::create(
+            ErrorType::Custom(DNS_FAILED),
+            ErrorSource::Upstream,
+            Some(format!("resolving {address}: {why}").into()),
+            None,
+        )
+    };
+    let mut addrs = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| dns_error(e.to_string()))?;
+    addrs.next().ok_or_else(|| dns_error("no addresses".into()))
+}

@@ -1,0 +1,403 @@
+//! The request path: pingora's `ProxyHttp` phases, each a few lines calling one named
+//! decision. Read top to bottom, the impl below tells the story of a request:
+//!
+//! admit it ([`admission`]: size, loop, target, Host or control context) → enable the cache
+//! for GET/HEAD → key → lookup (pingora-cache with our [`Store`], lock and predictor) → on a
+//! miss, the next hop ([`hop`]: an upper member with a fresh context, or the origin from our
+//! own `[[origin]]` table) → write the upstream request in one place → on a failure, the one
+//! decision of who is to blame → storability ([`policy`]) → our `Cache-Status`.
+//!
+//! The files beside this one: [`context`] (the frozen request context and what moves),
+//! [`admission`], [`hop`] (next hop and failures), [`local`] (responses we write ourselves)
+//! and [`trace`] (read-only facts for the observer).
+
+mod admission;
+mod context;
+mod hop;
+mod local;
+mod trace;
+
+pub use admission::{admit, Arrival, CDN_LOOP_TOKEN, MAX_STRATUS_HOPS};
+pub use context::{Attempt, Ctx, Hop, Progress, RequestContext, TraceState};
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use http::header;
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::predictor::Predictor;
+use pingora_cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use stratus_tiering::{Party, Stage};
+use stratus_tracing::{FillLink, Telemetry};
+
+use crate::cache_status::{self, CacheOutcome};
+use crate::config::{Config, Role};
+use crate::errors::Generated;
+use crate::metrics::Metrics;
+use crate::policy;
+use crate::store::Store;
+use crate::tier::{Tier, CONTROL_HEADER, HEALTH_PATH};
+
+/// Fills whose span is remembered for linking coalesced requests.
+const FILL_LINKS: u64 = 65_536;
+/// Uncacheable keys remembered per predictor shard (16 shards).
+const PREDICTOR_SHARD_CAPACITY: usize = 4096;
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if is_health_check(session.req_header()) {
+            self.answer_health(session, ctx).await?;
+            return Ok(true);
+        }
+        let arrival = match session.subrequest_ctx {
+            Some(_) => Arrival::Refresh,
+            None => Arrival::Network,
+        };
+        let admitted = admit(
+            &self.config,
+            self.tier.as_deref(),
+            session.req_header(),
+            SystemTime::now(),
+            arrival,
+        );
+        ctx.trace.request = self.start_trace(session, admitted.as_ref().ok());
+        match admitted {
+            Ok(request) if self.is_purge_from_lower(session) => {
+                self.purge_from_lower(session, &request).await?;
+                ctx.request = Some(request);
+                Ok(true)
+            }
+            Ok(request) => {
+                ctx.request = Some(request);
+                Ok(false)
+            }
+            Err(g) => {
+                ctx.progress.generated = Some(g);
+                self.respond(session, ctx, g).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        if ctx.request.as_ref().is_some_and(|r| r.method_cacheable) {
+            self.enable_cache(session);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        let r = ctx
+            .request
+            .as_ref()
+            .ok_or_else(|| internal("cache key without context"))?;
+        Ok(CacheKey::new(r.primary_key.clone(), ""))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        Ok(policy::response_cacheability(
+            session.req_header(),
+            resp,
+            SystemTime::now(),
+        ))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut Ctx,
+        req: &RequestHeader,
+    ) -> Option<pingora_cache::key::HashBinary> {
+        policy::variance(meta, req)
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+        error: Option<&Error>,
+    ) -> bool {
+        // `None` asks about stale-while-revalidate: pingora only asks when the object's own
+        // window allows it, so say yes. With an error, serve stale only for upstream failures
+        // (stale-if-error, again within the object's window).
+        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        self.note_fill(session, ctx);
+        let hop = self.next_hop(ctx)?;
+        self.peer_for(hop, ctx).await
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.write_upstream_request(upstream, ctx)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Runs before the cache write, so what we store is already clean.
+        self.upstream_answered(upstream, ctx)
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.remove_header(CONTROL_HEADER);
+        let outcome = self.outcome(session, ctx);
+        self.add_cache_status(session, resp, ctx, &outcome)
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let verdict = self.upstream_failed(session, ctx, &e, Stage::Connect, false);
+        e.set_retry(verdict.retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // pingora marks a failure on a reused pooled connection ReusedOnly: it went stale.
+        let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
+        let stage = hop::stage_of(session, ctx);
+        let verdict = self.upstream_failed(session, ctx, &e, stage, stale_pooled);
+        e.set_retry(verdict.retry);
+        e
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        // Pingora's per-request error lines carry this: add the trace to find them in Jaeger.
+        let base = session.as_ref().request_summary();
+        match (ctx.trace.request.trace_id(), ctx.trace.request.span_id()) {
+            (Some(t), Some(s)) => format!("{base}, trace_id: {t}, span_id: {s}"),
+            _ => base,
+        }
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        FailToProxy {
+            error_code: self.answer_failure(session, e, ctx).await,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let code = session.response_written().map_or(0, |r| r.status.as_u16());
+        let cache = match (ctx.progress.generated, session.cache.phase()) {
+            (Some(_), _) => "generated",
+            (None, phase) => phase.as_str(),
+        };
+        self.finish_trace(session, e, ctx, code);
+        let code = code.to_string();
+        self.metrics
+            .requests
+            .with_label_values(&[cache, code.as_str()])
+            .inc();
+    }
+}
+
+/// Shared state of one node's proxy.
+pub struct Proxy {
+    config: Arc<Config>,
+    store: &'static Store,
+    metrics: Arc<Metrics>,
+    tier: Option<Arc<Tier>>,
+    telemetry: Telemetry,
+    /// The SERVER span of the request filling each key, so requests coalesced onto that fill
+    /// can link to it. Bounded, and entries live no longer than a fill may hold the lock.
+    fills: moka::sync::Cache<String, FillLink>,
+    predictor: &'static Predictor<16>,
+    lock: &'static CacheKeyLockImpl,
+}
+
+impl Proxy {
+    /// A proxy serving `config` from `store`.
+    pub fn new(
+        config: Arc<Config>,
+        store: &'static Store,
+        metrics: Arc<Metrics>,
+        tier: Option<Arc<Tier>>,
+        telemetry: Telemetry,
+    ) -> Proxy {
+        let predictor: &'static Predictor<16> =
+            Box::leak(Box::new(Predictor::new(PREDICTOR_SHARD_CAPACITY, None)));
+        let lock: &'static CacheKeyLockImpl =
+            Box::leak(CacheLock::new_boxed(config.cache.lock_age_timeout));
+        let fills = moka::sync::Cache::builder()
+            .max_capacity(FILL_LINKS)
+            .time_to_live(config.cache.lock_age_timeout)
+            .build();
+        Proxy {
+            config,
+            store,
+            metrics,
+            fills,
+            tier,
+            telemetry,
+            predictor,
+            lock,
+        }
+    }
+
+    /// An upper answers `PURGE` only from a lower (admission verified its context).
+    fn is_purge_from_lower(&self, session: &Session) -> bool {
+        self.config.node.role == Role::Upper && session.req_header().method.as_str() == "PURGE"
+    }
+
+    /// Our store, no eviction manager (moka bounds itself), the predictor (known-uncacheable
+    /// keys skip the lock) and the coalescing lock.
+    fn enable_cache(&self, session: &mut Session) {
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(self.config.cache.lock_wait_timeout);
+        session.cache.enable(
+            self.store,
+            None,
+            Some(self.predictor),
+            Some(self.lock),
+            Some(overrides),
+        );
+        let max = usize::try_from(self.config.cache.max_object_size).unwrap_or(usize::MAX);
+        session.cache.set_max_file_size_bytes(max);
+    }
+
+    /// Appends this node's `Cache-Status` entry after the upstream's (and passes on a fill's
+    /// age, which the stored header drops).
+    fn add_cache_status(
+        &self,
+        session: &Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+        outcome: &CacheOutcome,
+    ) -> Result<()> {
+        if matches!(outcome.phase, CachePhase::Miss | CachePhase::Expired) {
+            if let Some(meta) = session.cache.maybe_cache_meta() {
+                let age = meta.age().as_secs();
+                if age > 0 {
+                    resp.insert_header(header::AGE, age.to_string())?;
+                }
+            }
+        }
+        let ours = cache_status::entry(&self.config.node.name, outcome);
+        if self.telemetry.is_enabled() {
+            ctx.trace.cache_status.clone_from(&ours);
+        }
+        if cache_status::served_from_cache(outcome.phase) {
+            // Upstream entries stored with the object describe its fill, not this response.
+            resp.remove_header("cache-status");
+        }
+        let existing: Vec<String> = resp
+            .headers
+            .get_all("cache-status")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        let joined = cache_status::append(
+            (!existing.is_empty())
+                .then(|| existing.join(", "))
+                .as_deref(),
+            ours,
+        );
+        resp.insert_header("cache-status", joined)?;
+        Ok(())
+    }
+
+    /// Writes the generated response for a failed request and returns its status, or 0 when
+    /// headers already left: then the only honest signal is to abort the connection, since a
+    /// short body must never look complete.
+    async fn answer_failure(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
+        let (Some(g), None) = (Generated::from_proxy_error(e), session.response_written()) else {
+            return 0;
+        };
+        // A timeout while the client still owed its body is the client's (nginx: 408).
+        let g = match (g, ctx.progress.blame) {
+            (Generated::GatewayTimeout(_), Some(Party::Client)) => Generated::ClientTimeout,
+            (g, _) => g,
+        };
+        ctx.progress.generated = Some(g);
+        match self.respond(session, ctx, g).await {
+            Ok(()) => g.status(),
+            Err(write_err) => {
+                ctx.trace.request.log_span().in_scope(|| {
+                    tracing::debug!(%write_err, "could not send {} to the client", g.status());
+                });
+                0
+            }
+        }
+    }
+
+    fn outcome(&self, session: &Session, ctx: &Ctx) -> CacheOutcome {
+        let now = SystemTime::now();
+        let meta: Option<&CacheMeta> = match session.cache.phase() {
+            CachePhase::Disabled(_)
+            | CachePhase::Bypass
+            | CachePhase::Uninit
+            | CachePhase::CacheKey => None,
+            _ => session.cache.maybe_cache_meta(),
+        };
+        let ttl = meta.map(|m| match m.fresh_until().duration_since(now) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
+        });
+        CacheOutcome {
+            phase: session.cache.phase(),
+            method_cacheable: ctx.request.as_ref().is_some_and(|r| r.method_cacheable),
+            collapsed: session.cache.lock_duration().is_some(),
+            ttl,
+            fwd_status: ctx.progress.upstream_status,
+        }
+    }
+}
+
+/// `GET`/`HEAD` of the health path, answered before admission.
+fn is_health_check(req: &RequestHeader) -> bool {
+    req.uri.path() == HEALTH_PATH && matches!(req.method, http::Method::GET | http::Method::HEAD)
+}
+
+/// The `error.type` of a failure, named like the `Cache-Status` details.
+fn error_type(e: &Error) -> &'static str {
+    Generated::from_proxy_error(e).map_or("client-gone", Generated::detail)
+}
+
+fn internal(what: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::InternalError, what)
+}
