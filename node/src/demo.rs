@@ -243,6 +243,8 @@ fn spawn_node(
         .arg(&config)
         .arg("--upgrade-sock")
         .arg(dir.join(format!("{name}.sock")))
+        // A demo killed without Ctrl-C must not leave its nodes behind.
+        .arg("--exit-with-parent")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
