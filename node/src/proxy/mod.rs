@@ -57,6 +57,9 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // A client that half-closes after its request still gets the answer (RFC 9112 §9.6);
+        // a real disconnect shows when the response is written.
+        session.downstream_session.set_abort_on_close(false);
         if is_health_check(session.req_header()) {
             self.answer_health(session, ctx).await?;
             return Ok(true);
