@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-scripts/setup.sh
+# faketime: the integrity tests skew one member's clock with libfaketime.
+scripts/setup.sh faketime
 # Proptest case counts are sized in code for CI; bound shrinking so a failure ends promptly.
 export PROPTEST_MAX_SHRINK_ITERS=${PROPTEST_MAX_SHRINK_ITERS:-2048}
 leftovers() { pgrep -f "^$root/target/[^ ]*/stratus (run|demo)" || true; }

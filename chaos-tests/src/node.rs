@@ -86,6 +86,8 @@ pub struct NodeProcess {
     bin: PathBuf,
     name: String,
     dir: tempfile::TempDir,
+    /// Extra environment for the process (and its restarts and upgrades).
+    env: Vec<(String, String)>,
 }
 
 impl NodeProcess {
@@ -123,7 +125,7 @@ impl NodeProcess {
         let config_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&config_path, toml)?;
         std::fs::File::create(dir.path().join("node.log"))?;
-        let child = spawn(bin, &config_path, dir.path(), false)?;
+        let child = spawn(bin, &config_path, dir.path(), false, &[])?;
         let mut node = NodeProcess {
             child,
             retiring: None,
@@ -133,6 +135,7 @@ impl NodeProcess {
             bin: bin.to_path_buf(),
             name: name.to_string(),
             dir,
+            env: Vec::new(),
         };
         node.wait_ready().await?;
         Ok(node)
@@ -169,7 +172,13 @@ impl NodeProcess {
     /// config file (rewritten or not); returns once it is ready.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill_hard();
-        self.child = spawn(&self.bin, &self.config_path, self.dir.path(), false)?;
+        self.child = spawn(
+            &self.bin,
+            &self.config_path,
+            self.dir.path(),
+            false,
+            &self.env,
+        )?;
         self.wait_ready().await
     }
 
@@ -208,7 +217,13 @@ impl NodeProcess {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        let new = spawn(&self.bin, &self.config_path, self.dir.path(), true)?;
+        let new = spawn(
+            &self.bin,
+            &self.config_path,
+            self.dir.path(),
+            true,
+            &self.env,
+        )?;
         self.retiring = Some(std::mem::replace(&mut self.child, new));
         while !sock.exists() {
             self.check_upgrade(deadline, "listen on the upgrade socket")?;
@@ -298,6 +313,12 @@ impl NodeProcess {
         self.child.id()
     }
 
+    /// Sets an environment variable for the next start of this node ([`NodeProcess::restart`],
+    /// [`NodeProcess::upgrade`]), e.g. `LD_PRELOAD` of libfaketime to skew its clock.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -315,8 +336,14 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Starts `stratus run` for `config`, appending stderr to `dir/node.log`.
-fn spawn(bin: &Path, config: &Path, dir: &Path, upgrade: bool) -> anyhow::Result<Child> {
+/// Starts `stratus run` for `config` with `env`, appending stderr to `dir/node.log`.
+fn spawn(
+    bin: &Path,
+    config: &Path,
+    dir: &Path,
+    upgrade: bool,
+    env: &[(String, String)],
+) -> anyhow::Result<Child> {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -332,6 +359,7 @@ fn spawn(bin: &Path, config: &Path, dir: &Path, upgrade: bool) -> anyhow::Result
     if upgrade {
         command.arg("--upgrade");
     }
+    command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     Ok(command.stdout(Stdio::null()).stderr(log).spawn()?)
 }
 

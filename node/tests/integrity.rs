@@ -609,3 +609,88 @@ async fn a_member_with_the_wrong_secret_stays_down() {
     let metrics = fleet.metrics(fleet.lowers[0].admin).await.expect("metrics");
     assert!(metrics.contains("stratus_upper_down_reason{"), "{metrics}");
 }
+
+/// libfaketime, which `scripts/setup.sh faketime` installs (Debian's `faketime` package).
+fn libfaketime() -> &'static str {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime is installed (scripts/setup.sh faketime)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_with_a_skewed_clock_stays_down() {
+    let (origin, mut fleet) = fleet(1, 2, "").await;
+    // up-2's wall clock runs a minute ahead: every context it receives looks expired.
+    fleet.uppers[1].set_env("LD_PRELOAD", libfaketime());
+    fleet.uppers[1].set_env("FAKETIME", "+60s");
+    fleet.uppers[1].set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    fleet.uppers[1].restart().await.expect("restart");
+    let down = eventually(Duration::from_secs(10), || async {
+        !all_up(&fleet, 0).await
+    })
+    .await;
+    assert!(down, "readiness probes find the skewed clock");
+    let ring = fleet.ring(0).await.expect("ring");
+    assert!(
+        ring.to_string().contains("probe failed: status 403"),
+        "{ring}"
+    );
+    let refusals = fleet.metrics(fleet.uppers[1].admin).await.expect("metrics");
+    assert!(
+        refusals.contains("expired-context"),
+        "the member says why:\n{refusals}"
+    );
+    innocents(&fleet, &origin, "skew", 12).await;
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        assert!(!all_up(&fleet, 0).await, "the skewed member rejoined");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_never_overlap() {
+    let origin = TestOrigin::start().await.expect("origin starts");
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 1,
+        origins: vec![OriginEntry::new(HOST, origin.addr())],
+        lower_tier_extra: String::new(),
+        common_extra: String::new(),
+    };
+    let options = FleetOptions {
+        default_timeouts: true,
+        link_proxies: true,
+        ..FleetOptions::default()
+    };
+    let fleet = Fleet::start_with(bin(), &spec, &options)
+        .await
+        .expect("fleet starts");
+    // A blackholed member: each probe waits out its 1 s timeout. With rounds that overlapped
+    // (the old 5.5 s timeout every 1 s) connections would pile up at one per second.
+    let link = fleet.link(0, 0);
+    link.set(stratus_chaos::Fault::Blackhole);
+    link.sever();
+    let before = link.connections();
+    let started = Instant::now();
+    let down = eventually(Duration::from_secs(15), || async {
+        !all_up(&fleet, 0).await
+    })
+    .await;
+    assert!(down, "a blackholed member is marked down");
+    // An observation window, not a synchronisation: count what arrives in it.
+    tokio::time::sleep_until((started + Duration::from_secs(8)).into()).await;
+    let probes = link.connections() - before;
+    // One round per (interval 1 s + timeout 1 s): at most 8 s / 2 s + 1 = 5 in 8 s.
+    assert!(
+        probes <= 5,
+        "{probes} probe connections in 8 s: rounds overlap"
+    );
+    assert!(probes >= 3, "only {probes} probes in 8 s");
+}
