@@ -8,6 +8,7 @@
 //! `ArcSwap`, so membership and health are always read together.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -63,6 +64,10 @@ pub struct Tier {
     /// The health task takes the book and the receiver when it starts and alone owns them.
     receiver: Mutex<Option<(HealthBook, mpsc::Receiver<HealthEvent>)>>,
     replays: moka::sync::Cache<String, ()>,
+    /// Nonces held right now: counted on insert, uncounted by moka's eviction listener (an
+    /// expired nonce stays counted until moka evicts it, which errs on the closed side).
+    replays_held: Arc<AtomicU64>,
+    replay_limit: u64,
     /// Per member (ring order = config order): whom its contexts are addressed to.
     recipients: Vec<String>,
     /// An upper's own names as a recipient: its `node.name` and its listen address.
@@ -78,6 +83,14 @@ impl Tier {
     pub fn from_config(
         config: &Config,
         metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Option<Arc<Tier>>> {
+        Self::build(config, metrics, REPLAY_LIMIT)
+    }
+
+    fn build(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        replay_limit: u64,
     ) -> anyhow::Result<Option<Arc<Tier>>> {
         let Some(settings) = config.tier.clone() else {
             return Ok(None);
@@ -100,9 +113,17 @@ impl Tier {
                 .set(1);
         }
         let (events, receiver) = mpsc::channel(OUTCOME_QUEUE);
+        let replays_held = Arc::new(AtomicU64::new(0));
+        let held = replays_held.clone();
+        // Room beyond the limit, so moka never evicts a nonce that may still be replayed: the
+        // limit refuses first.
         let replays = moka::sync::Cache::builder()
-            .max_capacity(REPLAY_LIMIT * 2)
+            .max_capacity(replay_limit.saturating_mul(2))
             .time_to_live(stratus_tiering::context::MAX_AGE + stratus_tiering::context::MAX_SKEW)
+            .eviction_listener(move |_, _, _| {
+                let _ =
+                    held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            })
             .build();
         let identities = match config.node.role {
             Role::Upper => vec![config.node.name.clone(), config.node.listen.to_string()],
@@ -116,6 +137,8 @@ impl Tier {
             events,
             receiver: Mutex::new(Some((book, receiver))),
             replays,
+            replays_held,
+            replay_limit,
             identities,
             started: SystemTime::now(),
             node_name: config.node.name.clone(),
@@ -191,7 +214,7 @@ impl Tier {
             not_before: self.started,
         };
         let ctx = ControlContext::decode(value, &acceptor, line, now)?;
-        let held = self.replays.entry_count();
+        let held = self.replays_held.load(Ordering::Relaxed);
         self.metrics
             .replay_cache_entries
             .set(i64::try_from(held).unwrap_or(i64::MAX));
@@ -200,7 +223,7 @@ impl Tier {
                 .unwrap_or(i64::MAX)
                 .saturating_mul(REPLAY_ENTRY_BYTES),
         );
-        if held >= REPLAY_LIMIT {
+        if held >= self.replay_limit {
             return Err(ContextError::ReplayCacheFull);
         }
         let fresh = self
@@ -208,6 +231,9 @@ impl Tier {
             .entry(ctx.nonce().to_string())
             .or_insert(())
             .is_fresh();
+        if fresh {
+            self.replays_held.fetch_add(1, Ordering::Relaxed);
+        }
         if fresh {
             Ok(ctx)
         } else {
@@ -394,5 +420,94 @@ pub async fn exchange(
         Ok(Err(ExchangeError::Connect)) => anyhow::bail!("{addr}: cannot connect"),
         Ok(Err(ExchangeError::Broken)) => anyhow::bail!("{addr}: broken or invalid answer"),
         Err(_) => anyhow::bail!("{addr}: no answer within {timeout:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn upper(limit: u64) -> Arc<Tier> {
+        let config = Config::parse(
+            r#"
+[node]
+name = "up-1"
+role = "upper"
+listen = "127.0.0.1:8180"
+admin_listen = "127.0.0.1:9180"
+[tier]
+secret = "0123456789abcdef0123456789abcdef"
+[[origin]]
+host = "example.test"
+address = "127.0.0.1:9000"
+"#,
+            Path::new("."),
+        )
+        .expect("valid upper config");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        Tier::build(&config, metrics, limit)
+            .expect("tier")
+            .expect("upper has a tier")
+    }
+
+    fn context(tier: &Tier, recipient: &str, issued: SystemTime) -> String {
+        RequestIdentity::new("example.test", "k", "r", "edge-1")
+            .issue(recipient, rand::random(), issued)
+            .encode(&tier.secret, line())
+    }
+
+    fn line() -> RequestLine<'static> {
+        RequestLine {
+            method: "GET",
+            target: "/a",
+        }
+    }
+
+    #[test]
+    fn the_replay_cache_refuses_replays_and_fails_closed_when_full() {
+        let tier = upper(3);
+        let now = SystemTime::now();
+        let first = context(&tier, "up-1", now);
+        assert!(tier.accept(Some(&first), line(), false, now).is_ok());
+        assert_eq!(
+            tier.accept(Some(&first), line(), false, now).err(),
+            Some(ContextError::Replayed)
+        );
+        // A refresh this node spawned re-verifies the signature only.
+        assert!(tier.accept(Some(&first), line(), true, now).is_ok());
+        for _ in 0..2 {
+            let c = context(&tier, "127.0.0.1:8180", now);
+            assert!(tier.accept(Some(&c), line(), false, now).is_ok());
+        }
+        let c = context(&tier, "up-1", now);
+        assert_eq!(
+            tier.accept(Some(&c), line(), false, now).err(),
+            Some(ContextError::ReplayCacheFull),
+            "three nonces held: a fourth is refused, not remembered in place of another"
+        );
+        let refused = tier
+            .metrics
+            .context_refusals
+            .with_label_values(&["replay-cache-full"])
+            .get();
+        assert_eq!(refused, 1);
+        assert_eq!(tier.metrics.replay_cache_entries.get(), 3);
+    }
+
+    #[test]
+    fn contexts_for_others_or_from_before_the_start_are_refused() {
+        let tier = upper(10);
+        let now = SystemTime::now();
+        let other = context(&tier, "up-2", now);
+        assert_eq!(
+            tier.accept(Some(&other), line(), false, now).err(),
+            Some(ContextError::WrongRecipient)
+        );
+        let old = context(&tier, "up-1", tier.started - Duration::from_millis(5));
+        assert_eq!(
+            tier.accept(Some(&old), line(), false, now).err(),
+            Some(ContextError::BeforeStart)
+        );
     }
 }
