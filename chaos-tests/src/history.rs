@@ -97,16 +97,17 @@ impl History {
         self.records.lock().is_empty()
     }
 
-    /// Sends `GET key` for `host` to `lowers[lower]` and records the outcome.
-    pub async fn get(&self, lowers: &[SocketAddr], lower: usize, host: &str, key: &str) {
-        let started = self.elapsed();
-        let at = Instant::now();
-        let outcome = match lowers.get(lower) {
-            Some(addr) => client::get(*addr, host, key, &[]).await,
-            None => Err(anyhow::anyhow!("no lower {lower}")),
-        };
-        let took = at.elapsed();
-        let record = match outcome {
+    /// Records one client request to lower `lower` for `key` that started `started` into the
+    /// run and took `took`, whatever its outcome.
+    pub fn record(
+        &self,
+        lower: usize,
+        key: &str,
+        started: Duration,
+        took: Duration,
+        outcome: &anyhow::Result<crate::Response>,
+    ) {
+        self.push(match outcome {
             Ok(r) => Record {
                 started,
                 took,
@@ -127,8 +128,18 @@ impl History {
                 complete: false,
                 error: Some(format!("{e:#}")),
             },
+        });
+    }
+
+    /// Sends `GET key` for `host` to `lowers[lower]` and records the outcome.
+    pub async fn get(&self, lowers: &[SocketAddr], lower: usize, host: &str, key: &str) {
+        let started = self.elapsed();
+        let at = Instant::now();
+        let outcome = match lowers.get(lower) {
+            Some(addr) => client::get(*addr, host, key, &[]).await,
+            None => Err(anyhow::anyhow!("no lower {lower}")),
         };
-        self.push(record);
+        self.record(lower, key, started, at.elapsed(), &outcome);
     }
 }
 

@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use stratus_chaos::{
-    client, CollectorMode, Fleet, History, Record, Reply, Response, Summary, TestCollector,
-};
+use stratus_chaos::{client, CollectorMode, Fleet, Reply, Response, Summary, TestCollector};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -21,39 +19,6 @@ use super::common::{check, end_checks, keys, Run, Shape, HOST};
 
 /// Fresh for ten minutes: anything stored stays stored for the whole scenario.
 const CACHEABLE: &str = "max-age=600";
-
-/// Pushes one client request's outcome into `history`.
-fn record(
-    history: &History,
-    lower: usize,
-    key: &str,
-    started: Duration,
-    took: Duration,
-    outcome: &anyhow::Result<Response>,
-) {
-    history.push(match outcome {
-        Ok(r) => Record {
-            started,
-            took,
-            key: key.to_string(),
-            lower,
-            status: Some(r.status),
-            cache_status: r.cache_status(),
-            complete: r.complete,
-            error: None,
-        },
-        Err(e) => Record {
-            started,
-            took,
-            key: key.to_string(),
-            lower,
-            status: None,
-            cache_status: String::new(),
-            complete: false,
-            error: Some(format!("{e:#}")),
-        },
-    });
-}
 
 /// `GET key` on `addr`, recorded in the run's history as sent to lower `lower`; returns the
 /// response and how long it took.
@@ -67,7 +32,7 @@ async fn get(
     let at = Instant::now();
     let outcome = client::get(addr, HOST, key, &[]).await;
     let took = at.elapsed();
-    record(&run.history, lower, key, started, took, &outcome);
+    run.history.record(lower, key, started, took, &outcome);
     (outcome, took)
 }
 
@@ -336,7 +301,7 @@ pub async fn slow_origin_and_clients(run: Run) -> Summary {
                     Ok(r) => Ok(r.clone()),
                     Err(e) => Err(anyhow::anyhow!("{e:#}; connection {ending:?}")),
                 };
-                record(&history, lower, &k, started, took, &outcome);
+                history.record(lower, &k, started, took, &outcome);
                 match (parsed, ending) {
                     (Ok(r), _) if r.status == 408 => Ok(format!(
                         "stalled POST {k}: 408 after {took:?} [{}]",
@@ -407,7 +372,7 @@ pub async fn slow_origin_and_clients(run: Run) -> Summary {
                 let took = at.elapsed();
                 let outcome = client::parse(&bytes, false)
                     .map_err(|e| anyhow::anyhow!("{e:#}; connection {ending:?}"));
-                record(&history, lower, &k, started, took, &outcome);
+                history.record(lower, &k, started, took, &outcome);
                 let what = describe(&outcome);
                 match outcome {
                     Ok(r) if r.status == 200 && r.complete && r.body == want.as_bytes() => {
