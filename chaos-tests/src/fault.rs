@@ -62,6 +62,8 @@ pub struct FaultProxy {
     target: SocketAddr,
     fault: Arc<Mutex<Fault>>,
     connections: Arc<AtomicUsize>,
+    /// Connections open now, and the most ever open at once.
+    open: Arc<(AtomicUsize, AtomicUsize)>,
     sever: Arc<watch::Sender<u64>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
@@ -84,12 +86,14 @@ impl FaultProxy {
             target,
             fault: Arc::new(Mutex::new(Fault::Pass)),
             connections: Arc::default(),
+            open: Arc::default(),
             sever: Arc::new(watch::Sender::new(0)),
             tasks: Arc::default(),
         };
-        let (fault, connections, sever, tasks) = (
+        let (fault, connections, open, sever, tasks) = (
             proxy.fault.clone(),
             proxy.connections.clone(),
+            proxy.open.clone(),
             proxy.sever.clone(),
             proxy.tasks.clone(),
         );
@@ -102,7 +106,13 @@ impl FaultProxy {
                     let mut tasks = tasks.lock();
                     // Reap finished connections so a long test does not accumulate them.
                     while tasks.try_join_next().is_some() {}
-                    tasks.spawn(connection(client, target, mode, severed));
+                    let now_open = open.0.fetch_add(1, Ordering::SeqCst) + 1;
+                    open.1.fetch_max(now_open, Ordering::SeqCst);
+                    let open = open.clone();
+                    tasks.spawn(async move {
+                        connection(client, target, mode, severed).await;
+                        open.0.fetch_sub(1, Ordering::SeqCst);
+                    });
                 }
             },
             &runtime,
@@ -133,6 +143,11 @@ impl FaultProxy {
     /// Resets (RST) every connection open now, on both sides; later ones are unaffected.
     pub fn sever(&self) {
         self.sever.send_modify(|generation| *generation += 1);
+    }
+
+    /// The most connections that were ever open through the proxy at the same time.
+    pub fn peak_open(&self) -> usize {
+        self.open.1.load(Ordering::SeqCst)
     }
 
     /// Connections accepted so far, whatever their mode.

@@ -589,6 +589,18 @@ impl Config {
 
     /// What `stratus check` explains beyond "ok": defaults it derived.
     pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.node.role == Role::Upper && self.node.listen.ip().is_unspecified() {
+            notes.push(format!(
+                "node.listen: {} accepts contexts addressed to \"{}\" or \"{}\" only; lowers must list this member with name = \"{}\"",
+                self.node.listen, self.node.name, self.node.listen, self.node.name
+            ));
+        }
+        notes.extend(self.derived_notes());
+        notes
+    }
+
+    fn derived_notes(&self) -> Vec<String> {
         match &self.tier {
             Some(t) if t.read_timeout_derived && !t.upper.is_empty() => vec![format!(
                 "tier.read_timeout: not set; derived {:?} = the longest [[origin]] connect_timeout + read_timeout ({:?}) + {:?}, so an upper answers about a slow origin before this node gives up on the upper",
@@ -648,21 +660,30 @@ fn nest_tier_timeouts(t: &mut TierConfig, origins: &[OriginConfig], problems: &m
 /// Lowercases a Host value and strips its port; `None` if it is not a plausible host name.
 pub fn normalize_host(host: &str) -> Option<String> {
     let host = host.trim();
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        // IPv6 literal: keep the brackets' content.
-        let end = rest.find(']')?;
-        &rest[..end]
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
-            _ => host,
-        }
+    let port_ok = |p: &str| p.chars().all(|c| c.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal keeps its brackets: it is sent as `Host: [::1]` and keyed so.
+        let (inner, after) = rest.split_once(']')?;
+        let port = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        let literal = !inner.is_empty()
+            && inner.len() <= 45
+            && inner.contains(':')
+            && inner
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'));
+        return (port && literal).then(|| format!("[{}]", inner.to_ascii_lowercase()));
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return None,
+        None => host,
     };
+    // A ':' left outside brackets is not a host (an unbracketed IPv6 address is ambiguous).
     let valid = !name.is_empty()
         && name.len() <= 253
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
     valid.then(|| name.to_ascii_lowercase())
 }
 

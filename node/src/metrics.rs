@@ -24,6 +24,8 @@ pub struct Metrics {
     pub upper_down_reason: prometheus::IntGaugeVec,
     /// `stratus_context_refusals_total{reason}`: control contexts an upper refused.
     pub context_refusals: IntCounterVec,
+    /// `stratus_health_reports_dropped_total`: outcome reports lost to a full health queue.
+    pub health_reports_dropped: IntCounter,
     /// `stratus_replay_cache_entries`: nonces an upper remembers to refuse replays.
     pub replay_cache_entries: IntGauge,
     /// `stratus_replay_cache_bytes`: estimated memory those nonces hold.
@@ -80,6 +82,10 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let health_reports_dropped = IntCounter::new(
+            "stratus_health_reports_dropped_total",
+            "Upstream outcome reports dropped because the health task's queue was full",
+        )?;
         let replay_cache_entries = IntGauge::new(
             "stratus_replay_cache_entries",
             "Context nonces remembered to refuse replays",
@@ -100,6 +106,7 @@ impl Metrics {
         registry.register(Box::new(spans_dropped.clone()))?;
         registry.register(Box::new(upper_down_reason.clone()))?;
         registry.register(Box::new(context_refusals.clone()))?;
+        registry.register(Box::new(health_reports_dropped.clone()))?;
         registry.register(Box::new(replay_cache_entries.clone()))?;
         registry.register(Box::new(replay_cache_bytes.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
@@ -113,6 +120,7 @@ impl Metrics {
             spans_dropped,
             upper_down_reason,
             context_refusals,
+            health_reports_dropped,
             replay_cache_entries,
             replay_cache_bytes,
             cache_objects,

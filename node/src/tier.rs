@@ -84,13 +84,16 @@ impl Tier {
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Option<Arc<Tier>>> {
-        Self::build(config, metrics, REPLAY_LIMIT)
+        let ttl = stratus_tiering::context::MAX_AGE + stratus_tiering::context::MAX_SKEW;
+        Self::build(config, metrics, REPLAY_LIMIT, ttl)
     }
 
+    /// `replay_ttl`: how long a nonce is remembered, the longest a context stays acceptable.
     fn build(
         config: &Config,
         metrics: Arc<Metrics>,
         replay_limit: u64,
+        replay_ttl: Duration,
     ) -> anyhow::Result<Option<Arc<Tier>>> {
         let Some(settings) = config.tier.clone() else {
             return Ok(None);
@@ -119,7 +122,7 @@ impl Tier {
         // limit refuses first.
         let replays = moka::sync::Cache::builder()
             .max_capacity(replay_limit.saturating_mul(2))
-            .time_to_live(stratus_tiering::context::MAX_AGE + stratus_tiering::context::MAX_SKEW)
+            .time_to_live(replay_ttl)
             .eviction_listener(move |_, _, _| {
                 let _ =
                     held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -169,12 +172,10 @@ impl Tier {
 
     /// Reports the outcome of an attempt that started at `started`, without waiting.
     pub fn report(&self, member: MemberId, outcome: Outcome, started: Instant) {
-        let _ = self.events.try_send(HealthEvent::Outcome(
-            member,
-            outcome,
-            started,
-            Instant::now(),
-        ));
+        let event = HealthEvent::Outcome(member, outcome, started, Instant::now());
+        if self.events.try_send(event).is_err() {
+            self.metrics.health_reports_dropped.inc();
+        }
     }
 
     /// Verifies a received context and refuses a nonce seen before (a replay). A `refresh` is a
@@ -214,31 +215,46 @@ impl Tier {
             not_before: self.started,
         };
         let ctx = ControlContext::decode(value, &acceptor, line, now)?;
-        let held = self.replays_held.load(Ordering::Relaxed);
-        self.metrics
-            .replay_cache_entries
-            .set(i64::try_from(held).unwrap_or(i64::MAX));
-        self.metrics.replay_cache_bytes.set(
-            i64::try_from(held)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(REPLAY_ENTRY_BYTES),
-        );
-        if held >= self.replay_limit {
-            return Err(ContextError::ReplayCacheFull);
+        // Reserve a slot first, so concurrent requests cannot overshoot the limit. At the
+        // limit, let moka evict what expired (it has no background thread) and try once more.
+        if self.reserve_replay_slot().is_err() {
+            self.replays.run_pending_tasks();
+            self.reserve_replay_slot()
+                .map_err(|_| ContextError::ReplayCacheFull)?;
         }
         let fresh = self
             .replays
             .entry(ctx.nonce().to_string())
             .or_insert(())
             .is_fresh();
-        if fresh {
-            self.replays_held.fetch_add(1, Ordering::Relaxed);
+        if !fresh {
+            self.release_replay_slot();
         }
+        let held = self.replays_held.load(Ordering::Relaxed);
+        let held = i64::try_from(held).unwrap_or(i64::MAX);
+        self.metrics.replay_cache_entries.set(held);
+        self.metrics
+            .replay_cache_bytes
+            .set(held.saturating_mul(REPLAY_ENTRY_BYTES));
         if fresh {
             Ok(ctx)
         } else {
             Err(ContextError::Replayed)
         }
+    }
+
+    fn reserve_replay_slot(&self) -> Result<u64, u64> {
+        let limit = self.replay_limit;
+        self.replays_held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+    }
+
+    fn release_replay_slot(&self) {
+        let _ = self
+            .replays_held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// The readiness probe a lower sends `member`: the health path with a signed context, so
@@ -428,7 +444,7 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn upper(limit: u64) -> Arc<Tier> {
+    fn upper(limit: u64, ttl: Duration) -> Arc<Tier> {
         let config = Config::parse(
             r#"
 [node]
@@ -446,7 +462,7 @@ address = "127.0.0.1:9000"
         )
         .expect("valid upper config");
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        Tier::build(&config, metrics, limit)
+        Tier::build(&config, metrics, limit, ttl)
             .expect("tier")
             .expect("upper has a tier")
     }
@@ -466,7 +482,7 @@ address = "127.0.0.1:9000"
 
     #[test]
     fn the_replay_cache_refuses_replays_and_fails_closed_when_full() {
-        let tier = upper(3);
+        let tier = upper(3, Duration::from_secs(12));
         let now = SystemTime::now();
         let first = context(&tier, "up-1", now);
         assert!(tier.accept(Some(&first), line(), false, now).is_ok());
@@ -496,8 +512,37 @@ address = "127.0.0.1:9000"
     }
 
     #[test]
+    fn a_full_replay_cache_recovers_as_nonces_expire() {
+        let tier = upper(2, Duration::from_millis(100));
+        let now = SystemTime::now();
+        for _ in 0..2 {
+            let c = context(&tier, "up-1", now);
+            assert!(tier.accept(Some(&c), line(), false, now).is_ok());
+        }
+        let c = context(&tier, "up-1", now);
+        assert_eq!(
+            tier.accept(Some(&c), line(), false, now).err(),
+            Some(ContextError::ReplayCacheFull)
+        );
+        // Once the nonces' time is up the cache takes new ones again (polled, bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut accepted = false;
+        while !accepted && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            let c = context(&tier, "up-1", SystemTime::now());
+            accepted = tier
+                .accept(Some(&c), line(), false, SystemTime::now())
+                .is_ok();
+        }
+        assert!(
+            accepted,
+            "the replay cache stayed full after its nonces expired"
+        );
+    }
+
+    #[test]
     fn contexts_for_others_or_from_before_the_start_are_refused() {
-        let tier = upper(10);
+        let tier = upper(10, Duration::from_secs(12));
         let now = SystemTime::now();
         let other = context(&tier, "up-2", now);
         assert_eq!(

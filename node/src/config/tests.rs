@@ -111,7 +111,15 @@ fn hosts_normalise() {
         normalize_host("Example.TEST:8080").as_deref(),
         Some("example.test")
     );
-    assert_eq!(normalize_host("[::1]:80").as_deref(), Some("::1"));
+    assert_eq!(normalize_host("[::1]:80").as_deref(), Some("[::1]"));
+    assert_eq!(
+        normalize_host("[2001:DB8::1]").as_deref(),
+        Some("[2001:db8::1]")
+    );
+    assert_eq!(normalize_host("::1"), None, "unbracketed IPv6 is ambiguous");
+    assert_eq!(normalize_host("[::1]x"), None);
+    assert_eq!(normalize_host("[example.test]"), None);
+    assert_eq!(normalize_host("example.test:http"), None);
     assert_eq!(normalize_host("bad host"), None);
     assert_eq!(normalize_host(""), None);
     assert_eq!(normalize_host("a/b"), None);

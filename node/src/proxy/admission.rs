@@ -201,7 +201,12 @@ fn request_target(req: &RequestHeader) -> Result<Target, Generated> {
         Some('?') => format!("/{rest}"),
         Some(_) => rest.to_string(),
     };
-    http::uri::PathAndQuery::try_from(path_and_query.as_str()).map_err(|_| bad)?;
+    // It must survive parsing unchanged (a `#fragment` would not): the key, the signature and
+    // the request sent upstream all use this string.
+    let parsed = http::uri::PathAndQuery::try_from(path_and_query.as_str()).map_err(|_| bad)?;
+    if parsed.as_str() != path_and_query {
+        return Err(bad);
+    }
     Ok(Target {
         path_and_query,
         authority: Some(authority.to_string()),

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use stratus_tiering::{Blame, ControlContext, MemberId, Party, RequestIdentity, Route};
+use stratus_tiering::{
+    Blame, ControlContext, Failure, MemberId, Party, RequestIdentity, Route, Verdict,
+};
 use stratus_tracing::{AttemptTrace, RequestTrace};
 
 use crate::errors::Generated;
@@ -64,8 +66,8 @@ pub struct Progress {
     pub attempts: Vec<Attempt>,
     /// An upper's verified account of an error it generated for the current attempt.
     pub marked: Option<Blame>,
-    /// Who the last upstream failure was blamed on: what a generated error says and marks.
-    pub blame: Option<Party>,
+    /// The last upstream failure and its verdict: what a generated error says and marks.
+    pub failure: Option<(Failure, Verdict)>,
 }
 
 impl Progress {
@@ -80,6 +82,11 @@ impl Progress {
     /// How many attempts went to the origin so far.
     pub fn origin_attempts(&self) -> usize {
         self.attempts.len() - self.upper_attempts()
+    }
+
+    /// Who the last upstream failure was blamed on.
+    pub fn blame(&self) -> Option<Party> {
+        self.failure.map(|(_, v)| v.blame)
     }
 
     /// The current attempt's target.

@@ -164,9 +164,11 @@ impl Proxy {
         let attempt = ctx.progress.attempts.last();
         if let (Some(tier), Some(control)) = (&self.tier, attempt.and_then(|a| a.context.as_ref()))
         {
+            // Signed over what is actually sent, so the two can never differ.
+            let sent = upstream.uri.path_and_query().map_or("/", |p| p.as_str());
             let line = RequestLine {
                 method: upstream.method.as_str(),
-                target: &r.path_and_query,
+                target: sent,
             };
             upstream.insert_header(CONTROL_HEADER, control.encode(&tier.secret, line))?;
         }
@@ -250,7 +252,7 @@ impl Proxy {
             hops_left: self.has_next_hop(ctx),
         };
         let verdict = decide(&failure);
-        ctx.progress.blame = Some(verdict.blame);
+        ctx.progress.failure = Some((failure, verdict));
         if let Some(outcome) = verdict.health {
             self.report(ctx, outcome);
         }

@@ -8,7 +8,7 @@ use pingora_cache::key::CacheHashKey;
 use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
-use stratus_tiering::{Blame, ControlContext, Party, RequestLine};
+use stratus_tiering::{Blame, ControlContext, Party, RequestLine, Symptom};
 
 use super::admission::{context_refusal, control_header};
 use super::context::{Ctx, RequestContext};
@@ -116,11 +116,17 @@ impl Proxy {
         });
         // The failure decision's verdict, when there was one, says who failed better than the
         // status alone (a 504 after a client stalled its body is the client's).
-        let blame = match ctx.progress.blame {
-            Some(Party::Client) => Blame::Request,
-            Some(Party::Origin) => Blame::Origin,
-            Some(Party::Member | Party::Node) => Blame::Member,
-            Some(Party::Undetermined) | None => g.blame(),
+        let blame = match ctx.progress.failure {
+            Some((_, v)) if v.blame == Party::Client => Blame::Request,
+            Some((_, v)) if v.blame == Party::Origin => Blame::Origin,
+            Some((_, v)) if v.blame == Party::Member => Blame::Member,
+            // This node broke: the member is at fault. Otherwise "this node" is its pooled
+            // connection to the origin going stale: the origin side, never the member.
+            Some((f, v)) if v.blame == Party::Node && f.symptom == Symptom::Internal => {
+                Blame::Member
+            }
+            Some((_, v)) if v.blame == Party::Node => Blame::Origin,
+            _ => g.blame(),
         };
         Some(match control {
             Some(c) => c.mark(&tier.secret, blame, g.detail()),

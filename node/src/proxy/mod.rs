@@ -352,7 +352,7 @@ impl Proxy {
             return 0;
         };
         // A timeout while the client still owed its body is the client's (nginx: 408).
-        let g = match (g, ctx.progress.blame) {
+        let g = match (g, ctx.progress.blame()) {
             (Generated::GatewayTimeout(_), Some(Party::Client)) => Generated::ClientTimeout,
             (g, _) => g,
         };

@@ -138,7 +138,14 @@ fn targets_that_could_mean_two_keys_are_refused() {
     let c = config();
     let host = [("host", "example.test")];
     let mut checked = 0;
-    for bad in [&b"foo:bar"[..], b"*", b"example.test/a", b"/caf\xc3"] {
+    for bad in [
+        &b"foo:bar"[..],
+        b"*",
+        b"example.test/a",
+        b"/caf\xc3",
+        b"http://example.test/a b",
+        b"http://user@example.test/a",
+    ] {
         let Ok(r) = RequestHeader::build("GET", bad, None).map(|mut r| {
             r.append_header("host", "example.test").expect("header");
             r
@@ -154,6 +161,11 @@ fn targets_that_could_mean_two_keys_are_refused() {
         checked += 1;
     }
     assert!(checked >= 2, "only {checked} bad targets reached admission");
+    // A fragment is not part of the target (RFC 9110 §4.2.4): it never reaches key or upstream.
+    for with_fragment in [&b"http://example.test/a#x"[..], b"/a#x"] {
+        let r = target_req(with_fragment, &host);
+        assert_eq!(admit_lower(&c, &r).expect("admitted").path_and_query, "/a");
+    }
     let absolute = target_req(b"http://example.test/x?y", &host);
     assert_eq!(
         admit_lower(&c, &absolute)
