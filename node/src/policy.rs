@@ -40,6 +40,15 @@ pub fn method_is_cacheable(req: &RequestHeader) -> bool {
     matches!(req.method, http::Method::GET | http::Method::HEAD)
 }
 
+/// Whether the response's `Content-Length` says its body exceeds `max` bytes.
+pub fn declared_length_over(resp: &ResponseHeader, max: u64) -> bool {
+    resp.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|len| len > max)
+}
+
 /// Decides whether `resp` (the answer to `req`) may be stored, and with which freshness.
 ///
 /// Beyond pingora's `resp_cacheable` (no-store, private, Authorization rules, max-age,

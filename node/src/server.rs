@@ -82,7 +82,9 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    let store = Store::leaked(config.cache.capacity);
+    let store = Store::new(config.cache.capacity)
+        .with_max_object_size(config.cache.max_object_size)
+        .leak();
     let metrics = Arc::new(Metrics::new()?);
 
     let tier = Tier::from_config(&config, metrics.clone())?;

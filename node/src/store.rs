@@ -14,10 +14,16 @@
 //! - **Abandoned fills are errors.** A miss handler dropped before `finish` marks its fill
 //!   `Failed`; readers streaming it get `Err`, so the proxy aborts their connections instead of
 //!   ending a short body as if it were complete.
+//! - **Over-limit bodies stream through whole.** Pingora's own size limit aborts a fill of
+//!   unknown length mid-stream, and with it the client that asked (its response is served from
+//!   the fill). So the limit lives here instead: a fill that outgrows `max_object_size` becomes
+//!   private to the request that fetches it — other readers get a clean error, new lookups no
+//!   longer find it, the chunks its own reader has passed on are released, and it is never
+//!   committed — and that request's client gets the whole body.
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -85,6 +91,8 @@ struct Fill {
     meta: MetaBlobs,
     chunks: Arc<RwLock<Vec<Bytes>>>,
     state: Arc<watch::Sender<FillState>>,
+    /// Set when the body outgrew the object limit: only the fetching request reads on.
+    private: Arc<AtomicBool>,
 }
 
 /// What the store holds right now, for metrics.
@@ -102,6 +110,8 @@ pub struct Store {
     fills: Mutex<HashMap<HashBinary, HashMap<u64, Fill>>>,
     next_fill_id: AtomicU64,
     capacity: u64,
+    /// Largest body stored; a fill growing past it is streamed through, not stored.
+    max_object: usize,
 }
 
 /// moka expiry policy: an entry lives until its `keep_until`.
@@ -177,12 +187,24 @@ impl Store {
             fills: Mutex::new(HashMap::new()),
             next_fill_id: AtomicU64::new(1),
             capacity,
+            max_object: usize::try_from(capacity).unwrap_or(usize::MAX),
         }
     }
 
     /// A store leaked to `'static`, as pingora's cache phases require.
     pub fn leaked(capacity: u64) -> &'static Self {
-        Box::leak(Box::new(Self::new(capacity)))
+        Self::new(capacity).leak()
+    }
+
+    /// The same store, storing no body larger than `max` bytes (default: `capacity`).
+    pub fn with_max_object_size(mut self, max: u64) -> Self {
+        self.max_object = usize::try_from(max).unwrap_or(usize::MAX);
+        self
+    }
+
+    /// Leaks the store: pingora wants `&'static`.
+    pub fn leak(self) -> &'static Self {
+        Box::leak(Box::new(self))
     }
 
     /// The configured bound on weighted bytes.
@@ -214,12 +236,15 @@ impl Store {
         filling || stored
     }
 
-    fn hit_from_fill(fill: &Fill) -> Result<(CacheMeta, HitHandler)> {
+    /// A reader of `fill`; `owner` is the fetching request's own reader.
+    fn hit_from_fill(fill: &Fill, owner: bool) -> Result<(CacheMeta, HitHandler)> {
         let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
         let reader = StreamingHit {
             chunks: fill.chunks.clone(),
             state: fill.state.subscribe(),
             next_chunk: 0,
+            private: fill.private.clone(),
+            owner,
         };
         Ok((meta, Box::new(reader)))
     }
@@ -251,7 +276,7 @@ impl Storage for Store {
             .get(&hash)
             .and_then(|per_key| per_key.values().next().cloned());
         if let Some(fill) = fill {
-            return Self::hit_from_fill(&fill).map(Some);
+            return Self::hit_from_fill(&fill, false).map(Some);
         }
         let Some(stored) = self.done.get(&hash) else {
             return Ok(None);
@@ -285,7 +310,7 @@ impl Storage for Store {
             .get(&key.combined_bin())
             .and_then(|per_key| per_key.get(&id).cloned());
         match fill {
-            Some(fill) => Self::hit_from_fill(&fill).map(Some),
+            Some(fill) => Self::hit_from_fill(&fill, true).map(Some),
             // The fill finished (or was purged) between the write and this read.
             None => self.lookup(key, trace).await,
         }
@@ -304,6 +329,7 @@ impl Storage for Store {
             meta: blobs.clone(),
             chunks: Arc::new(RwLock::new(Vec::new())),
             state: Arc::new(watch::Sender::new(FillState::Writing(0))),
+            private: Arc::default(),
         };
         self.fills
             .lock()
@@ -320,6 +346,7 @@ impl Storage for Store {
             fill,
             bytes: 0,
             finished: false,
+            max_object: self.max_object,
         }))
     }
 
@@ -440,6 +467,9 @@ struct StreamingHit {
     chunks: Arc<RwLock<Vec<Bytes>>>,
     state: watch::Receiver<FillState>,
     next_chunk: usize,
+    private: Arc<AtomicBool>,
+    /// The fetching request's own reader: the only one that reads on past the object limit.
+    owner: bool,
 }
 
 #[async_trait]
@@ -447,6 +477,13 @@ impl HandleHit for StreamingHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
         loop {
             let state = *self.state.borrow_and_update();
+            let private = self.private.load(Ordering::Acquire);
+            if private && !self.owner {
+                return Err(storage_error(
+                    "read_body",
+                    "the fill this response streams outgrew max_object_size".into(),
+                ));
+            }
             let available = match state {
                 FillState::Failed => {
                     return Err(storage_error(
@@ -457,9 +494,15 @@ impl HandleHit for StreamingHit {
                 FillState::Writing(n) | FillState::Done(n) => n,
             };
             if available > self.next_chunk {
-                let chunks = self.chunks.read();
-                let chunk = chunks.get(self.next_chunk).cloned();
-                drop(chunks);
+                let chunk = if private {
+                    // Nobody else reads this fill: release each chunk once passed on.
+                    self.chunks
+                        .write()
+                        .get_mut(self.next_chunk)
+                        .map(std::mem::take)
+                } else {
+                    self.chunks.read().get(self.next_chunk).cloned()
+                };
                 if let Some(chunk) = chunk {
                     self.next_chunk += 1;
                     return Ok(Some(chunk));
@@ -514,11 +557,17 @@ struct StoreMiss {
     fill: Fill,
     bytes: usize,
     finished: bool,
+    max_object: usize,
 }
 
 #[async_trait]
 impl HandleMiss for StoreMiss {
     async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        if self.bytes + data.len() > self.max_object && !self.fill.private.load(Ordering::Acquire) {
+            // Too large to store: stream it through to the request that fetches it only.
+            self.fill.private.store(true, Ordering::Release);
+            self.store.remove_fill(&self.key, self.id);
+        }
         let n = {
             let mut chunks = self.fill.chunks.write();
             if !data.is_empty() {
@@ -533,6 +582,14 @@ impl HandleMiss for StoreMiss {
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        if self.fill.private.load(Ordering::Acquire) {
+            // Streamed through to its own client; nothing to store.
+            let chunks = self.fill.chunks.read().len();
+            self.fill.state.send_replace(FillState::Done(chunks));
+            self.finished = true;
+            self.store.remove_fill(&self.key, self.id);
+            return Ok(MissFinishType::Created(self.bytes));
+        }
         let body = {
             let chunks = self.fill.chunks.read();
             match chunks.len() {

@@ -26,8 +26,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use http::header;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora_cache::predictor::Predictor;
-use pingora_cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
+use pingora_cache::predictor::{CacheablePredictor, Predictor};
+use pingora_cache::{
+    CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable,
+};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -115,6 +117,9 @@ impl ProxyHttp for Proxy {
         resp: &ResponseHeader,
         _ctx: &mut Ctx,
     ) -> Result<RespCacheable> {
+        if policy::declared_length_over(resp, self.config.cache.max_object_size) {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::ResponseTooLarge));
+        }
         Ok(policy::response_cacheability(
             session.req_header(),
             resp,
@@ -231,6 +236,7 @@ impl ProxyHttp for Proxy {
             (None, phase) => phase.as_str(),
         };
         self.finish_trace(session, e, ctx, code);
+        self.remember_too_large(session);
         let code = code.to_string();
         self.metrics
             .requests
@@ -299,8 +305,9 @@ impl Proxy {
             Some(self.lock),
             Some(overrides),
         );
-        let max = usize::try_from(self.config.cache.max_object_size).unwrap_or(usize::MAX);
-        session.cache.set_max_file_size_bytes(max);
+        // No pingora max_file_size: it aborts an over-limit fill of unknown length mid-stream,
+        // and the client with it. The store enforces `max_object_size` instead (streaming such
+        // a body through whole), and a declared length over it is refused up front.
     }
 
     /// Appends this node's `Cache-Status` entry after the upstream's (and passes on a fill's
@@ -342,6 +349,19 @@ impl Proxy {
         );
         resp.insert_header("cache-status", joined)?;
         Ok(())
+    }
+
+    /// A fill that outgrew `max_object_size` streamed through and was not stored (the store
+    /// enforces the limit); tell the predictor, so the next requests for the key skip the
+    /// cache lock and go straight upstream, as pingora's own limit would have had them do.
+    fn remember_too_large(&self, session: &Session) {
+        let limit = usize::try_from(self.config.cache.max_object_size).unwrap_or(usize::MAX);
+        if matches!(session.cache.phase(), CachePhase::Miss)
+            && session.as_ref().body_bytes_sent() > limit
+        {
+            self.predictor
+                .mark_uncacheable(session.cache.cache_key(), NoCacheReason::ResponseTooLarge);
+        }
     }
 
     /// Writes the generated response for a failed request and returns its status, or 0 when

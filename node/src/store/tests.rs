@@ -245,3 +245,62 @@ fn update_meta_on_a_missing_entry_is_false_not_a_panic() {
         assert!(!updated);
     });
 }
+
+#[test]
+fn an_over_limit_fill_streams_whole_to_its_own_reader_and_is_not_stored() {
+    let store = Store::new(1 << 20).with_max_object_size(8).leak();
+    rt().block_on(async {
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = store
+            .get_miss_handler(&key(7), &meta(Duration::from_secs(60)), &span)
+            .await
+            .expect("miss handler");
+        let tag = miss.streaming_write_tag().expect("streaming tag").to_vec();
+        miss.write_body(Bytes::from_static(b"12345"), false)
+            .await
+            .expect("write");
+        let (_, mut own) = store
+            .lookup_streaming_write(&key(7), Some(&tag), &span)
+            .await
+            .expect("lookup")
+            .expect("own fill");
+        let (_, mut other) = store
+            .lookup(&key(7), &span)
+            .await
+            .expect("lookup")
+            .expect("fill in progress");
+        assert_eq!(
+            other.read_body().await.expect("first chunk"),
+            Some(Bytes::from_static(b"12345"))
+        );
+        // Past 8 bytes the fill becomes private to the request that fetches it.
+        miss.write_body(Bytes::from_static(b"67890"), false)
+            .await
+            .expect("an over-limit write is not an error");
+        assert!(
+            other.read_body().await.is_err(),
+            "another reader gets a clean error, never a short end"
+        );
+        assert!(
+            store
+                .lookup(&key(7), &span)
+                .await
+                .expect("lookup")
+                .is_none(),
+            "new lookups no longer find the fill"
+        );
+        miss.write_body(Bytes::from_static(b"abc"), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        assert_eq!(read_all(&mut own).await.expect("whole"), "1234567890abc");
+        assert!(
+            store
+                .lookup(&key(7), &span)
+                .await
+                .expect("lookup")
+                .is_none(),
+            "an over-limit body is never stored"
+        );
+    });
+}

@@ -551,10 +551,8 @@ enum Case {
 /// Pass: both nodes survive without panics; no broken response is ever a clean complete 200
 /// with a short or wrong body; nothing broken or over the limit is stored (every request
 /// reaches the origin again); the controls are stored (only the first request reaches it).
-/// The 200 KB bodies must stream through whole (200, complete, the right bytes) every time: for
-/// the Content-Length one a failure FAILs; for chunked and close-delimited ones pingora is
-/// known to cut first fills (owned by another issue), so if only that fails the verdict is
-/// `pending`, naming what was seen.
+/// The 200 KB bodies must stream through whole (200, complete, the right bytes) every time,
+/// the first time too, whatever their framing.
 pub async fn malformed_origin(run: Run) -> Summary {
     let mut shape = Shape::new(1, 1);
     shape.common_extra = "\n[cache]\nmax_object_size = \"64KiB\"\ncapacity = \"16MiB\"\n".into();
@@ -803,24 +801,12 @@ pub async fn malformed_origin(run: Run) -> Summary {
     let verdict = async {
         end_checks(&mut fleet, &[])?;
         check(hard.is_empty(), || hard.join("; "))?;
-        if soft.is_empty() {
-            Ok(())
-        } else {
-            // What this shows (seen on every run here): the first fill of an over-limit
-            // chunked or close-delimited body fails at each tier in turn. The upper's first
-            // request is cut (chunked: 200 cut after 16–32 KiB, "stored" in Cache-Status) or a
-            // 502 `upstream-error` (close-delimited: pingora logs "Fail to cache response:
-            // response too large" then "Cache disabled"); the second request passes the upper
-            // (`fwd=bypass; detail=too-large`) and fails the same way at the lower, whose
-            // predictor has not learned yet; the third streams whole through both. The
-            // Content-Length-framed 200 KB body streams whole every time.
-            run.note(format!("over-limit bodies not streamed whole: {soft:?}"));
-            stratus_chaos::pending(&format!(
-                "over-limit chunked/close-delimited bodies cut short on first request (pingora; \
-                 cache-correctness issue): {}",
-                soft.join(", ")
-            ))
-        }
+        // Over-limit bodies of unknown length once failed their first fill at each tier
+        // (pingora's max_file_size aborts the fill and the client reading it); the store now
+        // enforces the limit and streams them through whole, so this is a hard criterion.
+        check(soft.is_empty(), || {
+            format!("over-limit bodies not streamed whole: {}", soft.join(", "))
+        })
     }
     .await;
     let paths: Vec<String> = cases.iter().map(|(p, _, _)| p.to_string()).collect();
