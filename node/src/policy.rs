@@ -52,9 +52,12 @@ pub fn declared_length_over(resp: &ResponseHeader, max: u64) -> bool {
 /// Decides whether `resp` (the answer to `req`) may be stored, and with which freshness.
 ///
 /// Beyond pingora's `resp_cacheable` (no-store, private, Authorization rules, max-age,
-/// s-maxage, Expires, stale-* windows) this refuses `Vary: *`, partial content, and responses
-/// that set cookies without being explicitly public (Varnish's default), and subtracts the
-/// `Age` an upstream cache already spent from the freshness we store.
+/// s-maxage, Expires, stale-* windows) this refuses `Vary: *`, partial content, responses that
+/// set cookies (never handed to another client from cache, as nginx and Varnish do), and
+/// `must-understand` responses whose status code stratus does not implement (RFC 9111
+/// §5.2.2.3); and it subtracts the `Age` an upstream cache already spent from the freshness we
+/// store (§5.1: the first value counts; one that is not a non-negative integer makes the
+/// response stale rather than being trusted).
 pub fn response_cacheability(
     req: &RequestHeader,
     resp: &ResponseHeader,
@@ -67,17 +70,25 @@ pub fn response_cacheability(
         return RespCacheable::Uncacheable(NoCacheReason::Custom("vary-star"));
     }
     let cc = CacheControl::from_resp_headers(resp);
-    let explicitly_shared = cc
-        .as_ref()
-        .is_some_and(|cc| cc.public() || cc.has_key("s-maxage"));
-    if resp.headers.contains_key(header::SET_COOKIE) && !explicitly_shared {
+    if resp.headers.contains_key(header::SET_COOKIE) {
         return RespCacheable::Uncacheable(NoCacheReason::Custom("set-cookie"));
+    }
+    let must_understand = cc.as_ref().is_some_and(|cc| cc.has_key("must-understand"));
+    if must_understand && !status_understood(resp.status.as_u16()) {
+        return RespCacheable::Uncacheable(NoCacheReason::Custom("must-understand"));
     }
     let authorization = req.headers.contains_key(header::AUTHORIZATION);
     match resp_cacheable(cc.as_ref(), resp.clone(), authorization, &DEFAULTS) {
         RespCacheable::Cacheable(mut meta) => {
-            if let Some(age) = upstream_age(resp) {
-                apply_upstream_age(&mut meta, age, now);
+            match upstream_age(resp) {
+                UpstreamAge::Absent => {}
+                UpstreamAge::Valid(age) => apply_upstream_age(&mut meta, age, now),
+                // Not to be trusted: count the whole freshness lifetime as spent, so this
+                // node and every cache below it (which sees the Age we pass on) holds it stale.
+                UpstreamAge::Invalid => {
+                    let lifetime = meta.fresh_until().duration_since(now).unwrap_or_default();
+                    apply_upstream_age(&mut meta, lifetime, now);
+                }
             }
             // The stored header must not carry the upstream's Age: pingora computes Age on
             // every hit from the meta's epoch, which now includes it.
@@ -88,15 +99,43 @@ pub fn response_cacheability(
     }
 }
 
-/// The `Age` an upstream reported, if it is a valid delta-seconds value.
-pub fn upstream_age(resp: &ResponseHeader) -> Option<Duration> {
-    let mut values = resp.headers.get_all(header::AGE).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
-        return None; // several Age fields: invalid, ignore all (RFC 9111 §5.1)
+/// Status codes whose semantics stratus implements, for `must-understand` (RFC 9111
+/// §5.2.2.3): the final codes RFC 9110 defines as cacheable or that stratus caches by explicit
+/// freshness, and 304.
+pub fn status_understood(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 300 | 301 | 302 | 303 | 304 | 307 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// What an upstream's `Age` says (RFC 9111 §5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamAge {
+    /// No `Age` field.
+    Absent,
+    /// The first value, a non-negative integer (capped at 2^31 as §1.2.2 allows).
+    Valid(Duration),
+    /// The first value is not a non-negative integer: the response must not be trusted fresh.
+    Invalid,
+}
+
+/// The `Age` an upstream reported: of several values (in one field or several) the first.
+pub fn upstream_age(resp: &ResponseHeader) -> UpstreamAge {
+    const MAX_DELTA: u64 = 1 << 31;
+    let Some(field) = resp.headers.get_all(header::AGE).iter().next() else {
+        return UpstreamAge::Absent;
+    };
+    let Ok(text) = field.to_str() else {
+        return UpstreamAge::Invalid;
+    };
+    let first = text.split(',').next().unwrap_or("").trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return UpstreamAge::Invalid;
     }
-    let secs: u64 = first.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs))
+    // All digits: only overflow can fail, and an overflowing age is past the cap anyway.
+    let secs = first.parse::<u64>().unwrap_or(MAX_DELTA).min(MAX_DELTA);
+    UpstreamAge::Valid(Duration::from_secs(secs))
 }
 
 /// Makes `meta` count `age` as already spent: freshness ends `age` earlier and the age we
@@ -238,15 +277,26 @@ mod tests {
                 &response_cacheability(
                     &r,
                     &resp(&[
-                        ("cache-control", "public, max-age=60"),
+                        ("cache-control", "public, s-maxage=60"),
                         ("set-cookie", "a=b")
                     ]),
                     now
                 ),
                 now
             ),
-            Some(60)
+            None,
+            "a Set-Cookie is never handed to another client, public or not"
         );
+        // must-understand: stored only for a status code whose semantics stratus implements.
+        let mu = |status: u16| {
+            let mut r = ResponseHeader::build(status, None).expect("status");
+            r.append_header("cache-control", "max-age=60, must-understand")
+                .expect("header");
+            ttl(&response_cacheability(&req(), &r, now), now)
+        };
+        assert_eq!(mu(200), Some(60));
+        assert_eq!(mu(299), None);
+        assert_eq!(mu(418), None);
     }
 
     #[test]
@@ -291,8 +341,36 @@ mod tests {
             now,
         );
         assert_eq!(ttl(&stale, now), Some(-10));
-        assert_eq!(upstream_age(&resp(&[("age", "1"), ("age", "2")])), None);
-        assert_eq!(upstream_age(&resp(&[("age", "-1")])), None);
+        let d = |s| UpstreamAge::Valid(Duration::from_secs(s));
+        assert_eq!(upstream_age(&resp(&[("age", "1"), ("age", "2")])), d(1));
+        assert_eq!(upstream_age(&resp(&[("age", "3, 4")])), d(3));
+        assert_eq!(
+            upstream_age(&resp(&[("age", "99999999999999999999")])),
+            d(1 << 31)
+        );
+        for bad in ["-1", "1.5", "5s", "x5", "5;q=1", "", " , 2"] {
+            assert_eq!(
+                upstream_age(&resp(&[("age", bad)])),
+                UpstreamAge::Invalid,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(upstream_age(&resp(&[])), UpstreamAge::Absent);
+        // An invalid Age makes the response stale, and says so downstream.
+        let invalid = response_cacheability(
+            &req(),
+            &resp(&[("cache-control", "max-age=60"), ("age", "1.5")]),
+            now,
+        );
+        assert!(
+            ttl(&invalid, now).is_some_and(|t| t <= 0),
+            "{:?}",
+            ttl(&invalid, now)
+        );
+        let RespCacheable::Cacheable(meta) = invalid else {
+            panic!("still storable, for revalidation")
+        };
+        assert!(meta.age() >= Duration::from_secs(59));
     }
 
     #[test]

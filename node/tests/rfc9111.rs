@@ -1,0 +1,151 @@
+//! RFC 9111 behaviours, each against a real node and a counting origin, standalone and through
+//! two tiers (a lower in front of an upper): `Age` (§5.1), `must-understand` (§5.2.2.3), and
+//! responses that set cookies.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use stratus_chaos::{client, Fleet, FleetSpec, NodeProcess, OriginEntry, Reply, TestOrigin};
+
+const HOST: &str = "example.test";
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_stratus"))
+}
+
+/// Where clients go: a standalone node, or the lower of a 1-lower/1-upper fleet.
+enum Setup {
+    Standalone(NodeProcess),
+    Tiered(Fleet),
+}
+
+impl Setup {
+    fn client_addr(&self) -> SocketAddr {
+        match self {
+            Setup::Standalone(n) => n.listen,
+            Setup::Tiered(f) => f.lowers[0].listen,
+        }
+    }
+}
+
+/// Both setups in front of one origin.
+async fn setups(origin: &TestOrigin) -> Vec<(&'static str, Setup)> {
+    let origins = [OriginEntry::new(HOST, origin.addr())];
+    let standalone = NodeProcess::start(bin(), "solo", &origins, "")
+        .await
+        .expect("standalone node");
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 1,
+        origins: origins.to_vec(),
+        lower_tier_extra: String::new(),
+        common_extra: String::new(),
+    };
+    let fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    vec![
+        ("standalone", Setup::Standalone(standalone)),
+        ("tiered", Setup::Tiered(fleet)),
+    ]
+}
+
+/// This node's `ttl=` in the last `Cache-Status` entry.
+fn our_ttl(cache_status: &str) -> Option<i64> {
+    cache_status
+        .rsplit(',')
+        .next()?
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("ttl="))?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn age_first_value_counts_and_an_invalid_one_is_stale() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        // Several values: the first counts (one field or several).
+        for (i, ages) in [vec!["100, 5"], vec!["100", "5"]].into_iter().enumerate() {
+            let path = format!("/{name}/age-list/{i}");
+            let mut reply = Reply::ok("aged").header("cache-control", "max-age=600");
+            for a in &ages {
+                reply = reply.header("age", a);
+            }
+            origin.fixed(&path, reply);
+            let r = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            let ttl = our_ttl(&r.cache_status());
+            assert!(
+                ttl.is_some_and(|t| (495..=500).contains(&t)),
+                "{name} {ages:?}: {}",
+                r.cache_status()
+            );
+        }
+        // Not a non-negative integer: never trusted fresh, so the next request goes upstream.
+        for (i, bad) in ["-5", "1.5", "5s", "x5", "5;q=1"].into_iter().enumerate() {
+            let path = format!("/{name}/age-bad/{i}");
+            origin.fixed(
+                &path,
+                Reply::ok("untrusted")
+                    .header("cache-control", "max-age=600")
+                    .header("age", bad),
+            );
+            for _ in 0..2 {
+                let r = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+                assert_eq!(r.status, 200);
+            }
+            assert_eq!(origin.count(&path), 2, "{name}: Age {bad:?} was trusted");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_response_that_sets_a_cookie_is_never_served_to_another_client() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        for (i, cc) in ["max-age=600", "public, max-age=600", "s-maxage=600"]
+            .into_iter()
+            .enumerate()
+        {
+            let path = format!("/{name}/cookie/{i}");
+            origin.fixed(
+                &path,
+                Reply::ok("personal")
+                    .header("cache-control", cc)
+                    .header("set-cookie", "session=alice"),
+            );
+            let first = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            assert_eq!(first.header("set-cookie"), Some("session=alice"));
+            let second = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            assert_eq!(second.status, 200);
+            assert_eq!(
+                origin.count(&path),
+                2,
+                "{name}: {cc} with Set-Cookie was stored"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn must_understand_stores_only_understood_status_codes() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        for (status, stored) in [(200u16, true), (299, false), (418, false)] {
+            let path = format!("/{name}/mu/{status}");
+            origin.fixed(
+                &path,
+                Reply::ok("mu")
+                    .status(status)
+                    .header("cache-control", "max-age=600, must-understand"),
+            );
+            for _ in 0..2 {
+                let r = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+                assert_eq!(r.status, status);
+            }
+            let want = if stored { 1 } else { 2 };
+            assert_eq!(origin.count(&path), want, "{name}: status {status}");
+        }
+    }
+}
