@@ -93,9 +93,55 @@ pub fn response_cacheability(
             // The stored header must not carry the upstream's Age: pingora computes Age on
             // every hit from the meta's epoch, which now includes it.
             meta.response_header_mut().remove_header(&header::AGE);
+            // Connection-scoped fields of the fill's connection must not be replayed on hits.
+            for name in hop_by_hop_fields(&resp.headers) {
+                meta.response_header_mut().remove_header(&name);
+            }
             RespCacheable::Cacheable(meta)
         }
         uncacheable => uncacheable,
+    }
+}
+
+/// Hop-by-hop fields of a message (RFC 9110 §7.6.1): the ones every proxy treats so, and the
+/// ones its `Connection` field names. They describe one connection: never stored, and (but for
+/// the framing and upgrade fields pingora manages itself) never forwarded.
+pub fn hop_by_hop_fields(headers: &http::HeaderMap) -> Vec<String> {
+    const ALWAYS: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("close"));
+    let mut fields: Vec<String> = ALWAYS.iter().map(|s| s.to_string()).chain(named).collect();
+    fields.sort();
+    fields.dedup();
+    fields
+}
+
+/// The hop-by-hop fields a proxy removes before passing a response on: all of them except
+/// those pingora itself manages on each connection (`Connection`, framing, `Upgrade`).
+pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    const MANAGED: [&str; 4] = [
+        "connection",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    ];
+    for name in hop_by_hop_fields(&resp.headers) {
+        if !MANAGED.contains(&name.as_str()) {
+            resp.remove_header(&name);
+        }
     }
 }
 

@@ -149,3 +149,49 @@ async fn must_understand_stores_only_understood_status_codes() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hop_by_hop_fields_are_neither_stored_nor_forwarded() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        let path = format!("/{name}/hop");
+        origin.fixed(
+            &path,
+            Reply::ok("hop")
+                .header("cache-control", "max-age=600")
+                .header("connection", "x-private, keep-alive")
+                .header("x-private", "for the next hop only")
+                .header("keep-alive", "timeout=5"),
+        );
+        let chunked = format!("/{name}/hop-chunked");
+        origin.fixed(
+            &chunked,
+            Reply::chunked(vec![b"one ".to_vec(), b"two".to_vec()])
+                .header("cache-control", "max-age=600"),
+        );
+        for round in 0..2 {
+            let r = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            assert_eq!((r.status, r.text().as_str()), (200, "hop"));
+            for field in ["x-private", "keep-alive"] {
+                assert!(
+                    r.header(field).is_none(),
+                    "{name} round {round}: {field} reached the client: {:?}",
+                    r.headers
+                );
+            }
+            let c = client::get(addr, HOST, &chunked, &[])
+                .await
+                .expect("exchange");
+            assert_eq!(c.text(), "one two", "{name} round {round}");
+            let framings = c
+                .headers
+                .iter()
+                .filter(|(k, _)| k == "transfer-encoding" || k == "content-length")
+                .count();
+            assert_eq!(framings, 1, "{name} round {round}: {:?}", c.headers);
+        }
+        assert_eq!(origin.count(&path), 1);
+        assert_eq!(origin.count(&chunked), 1);
+    }
+}

@@ -191,6 +191,7 @@ impl Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream.remove_header(CONTROL_HEADER);
+        crate::policy::strip_hop_by_hop(upstream);
         let mark = upstream
             .headers
             .get(GENERATED_HEADER)
