@@ -145,6 +145,37 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
+/// The fields of a 304 that replace the stored response's (RFC 9111 §4.3.4): every field but
+/// framing, hop-by-hop fields and our own per-hop `Cache-Status`, in order.
+pub fn freshening_fields(
+    not_modified: &ResponseHeader,
+) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    const KEEP_STORED: [&str; 4] = ["content-length", "content-range", "cache-status", "age"];
+    let hop = hop_by_hop_fields(&not_modified.headers);
+    not_modified
+        .headers
+        .iter()
+        .filter(|(name, _)| {
+            !KEEP_STORED.contains(&name.as_str()) && !hop.iter().any(|h| h == name.as_str())
+        })
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// Replaces the stored header fields of `meta` with those a 304 carried. Pingora's own merge
+/// copies only a fixed list (Cache-Control, Expires, ETag, …); every other field, extensions
+/// included, must be updated as well.
+pub fn freshen(meta: &mut CacheMeta, fields: &[(http::HeaderName, http::HeaderValue)]) {
+    let header = meta.response_header_mut();
+    for (name, _) in fields {
+        header.remove_header(name);
+    }
+    for (name, value) in fields {
+        // Names and values came from a parsed header: appending them cannot fail.
+        let _ = header.append_header(name.clone(), value.clone());
+    }
+}
+
 /// Status codes whose semantics stratus implements, for `must-understand` (RFC 9111
 /// §5.2.2.3): the final codes RFC 9110 defines as cacheable or that stratus caches by explicit
 /// freshness, and 304.

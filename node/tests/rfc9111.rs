@@ -1,6 +1,6 @@
 //! RFC 9111 behaviours, each against a real node and a counting origin, standalone and through
-//! two tiers (a lower in front of an upper): `Age` (§5.1), `must-understand` (§5.2.2.3), and
-//! responses that set cookies.
+//! two tiers (a lower in front of an upper): `Age` (§5.1), `must-understand` (§5.2.2.3),
+//! responses that set cookies, hop-by-hop fields (RFC 9110 §7.6.1) and 304 freshening (§4.3.4).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -193,5 +193,53 @@ async fn hop_by_hop_fields_are_neither_stored_nor_forwarded() {
         }
         assert_eq!(origin.count(&path), 1);
         assert_eq!(origin.count(&chunked), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_304_freshens_the_stored_header_fields() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        let path = format!("/{name}/fresh304");
+        origin.route(&path, |_, nth| {
+            if nth == 0 {
+                Reply::ok("body v1")
+                    .header("cache-control", "max-age=1")
+                    .header("etag", "\"v1\"")
+                    .header("content-type", "text/plain")
+                    .header("x-frame-options", "DENY")
+                    .header("x-extension", "old")
+            } else {
+                Reply::ok("")
+                    .status(304)
+                    .header("cache-control", "max-age=600")
+                    .header("etag", "\"v1\"")
+                    .header("content-type", "text/x-new")
+                    .header("x-frame-options", "SAMEORIGIN")
+                    .header("x-extension", "new")
+            }
+        });
+        let first = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+        assert_eq!(first.header("x-extension"), Some("old"));
+        let revalidated = stratus_chaos::eventually(std::time::Duration::from_secs(8), || async {
+            origin.count(&path) >= 2 || client::get(addr, HOST, &path, &[]).await.is_err()
+        })
+        .await;
+        assert!(revalidated, "{name}: no revalidation");
+        let r = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+        assert_eq!(r.text(), "body v1", "{name}");
+        for (field, want) in [
+            ("x-extension", "new"),
+            ("content-type", "text/x-new"),
+            ("x-frame-options", "SAMEORIGIN"),
+        ] {
+            assert_eq!(
+                r.header(field),
+                Some(want),
+                "{name}: {field}: {:?}",
+                r.headers
+            );
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct Progress {
     pub attempts: Vec<Attempt>,
     /// An upper's verified account of an error it generated for the current attempt.
     pub marked: Option<Blame>,
+    /// The header fields of a 304 that revalidated the stored response, to freshen it with.
+    pub not_modified: Option<Vec<(http::HeaderName, http::HeaderValue)>>,
     /// The last upstream failure and its verdict: what a generated error says and marks.
     pub failure: Option<(Failure, Verdict)>,
 }

@@ -221,6 +221,9 @@ impl Proxy {
             }
         }
         ctx.progress.upstream_status = Some(status);
+        if status == 304 {
+            ctx.progress.not_modified = Some(crate::policy::freshening_fields(upstream));
+        }
         if let Some(attempt) = ctx.trace.attempt.take() {
             attempt.answered(status);
         }

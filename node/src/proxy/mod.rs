@@ -115,16 +115,20 @@ impl ProxyHttp for Proxy {
         &self,
         session: &Session,
         resp: &ResponseHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<RespCacheable> {
         if policy::declared_length_over(resp, self.config.cache.max_object_size) {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::ResponseTooLarge));
         }
-        Ok(policy::response_cacheability(
-            session.req_header(),
-            resp,
-            SystemTime::now(),
-        ))
+        let decided = policy::response_cacheability(session.req_header(), resp, SystemTime::now());
+        // After a 304, `resp` is pingora's partial merge: freshen it with every 304 field.
+        Ok(match (decided, ctx.progress.not_modified.as_deref()) {
+            (RespCacheable::Cacheable(mut meta), Some(fields)) => {
+                policy::freshen(&mut meta, fields);
+                RespCacheable::Cacheable(meta)
+            }
+            (decided, _) => decided,
+        })
     }
 
     fn cache_vary_filter(
@@ -180,6 +184,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.remove_header(CONTROL_HEADER);
+        self.guide_lower_update(session, resp)?;
         let outcome = self.outcome(session, ctx);
         self.add_cache_status(session, resp, ctx, &outcome)
     }
@@ -362,6 +367,25 @@ impl Proxy {
             self.predictor
                 .mark_uncacheable(session.cache.cache_key(), NoCacheReason::ResponseTooLarge);
         }
+    }
+
+    /// An upper's 304 to a lower carries the stored `Content-Type` too: pingora's 304 drops
+    /// representation metadata, and the lower freshens its copy from what the 304 carries
+    /// (RFC 9110 §15.4.5 allows metadata that guides a cache update).
+    fn guide_lower_update(&self, session: &Session, resp: &mut ResponseHeader) -> Result<()> {
+        if self.config.node.role != Role::Upper || resp.status != http::StatusCode::NOT_MODIFIED {
+            return Ok(());
+        }
+        let stored = session.cache.maybe_cache_meta().and_then(|m| {
+            m.response_header()
+                .headers
+                .get(header::CONTENT_TYPE)
+                .cloned()
+        });
+        if let (Some(value), false) = (stored, resp.headers.contains_key(header::CONTENT_TYPE)) {
+            resp.insert_header(header::CONTENT_TYPE, value)?;
+        }
+        Ok(())
     }
 
     /// Writes the generated response for a failed request and returns its status, or 0 when
