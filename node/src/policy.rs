@@ -69,7 +69,7 @@ pub fn response_cacheability(
     if vary_names(resp).any(|n| n == "*") {
         return RespCacheable::Uncacheable(NoCacheReason::Custom("vary-star"));
     }
-    let cc = CacheControl::from_resp_headers(resp);
+    let (cc, governing) = governing_cache_control(resp);
     if resp.headers.contains_key(header::SET_COOKIE) {
         return RespCacheable::Uncacheable(NoCacheReason::Custom("set-cookie"));
     }
@@ -78,7 +78,20 @@ pub fn response_cacheability(
         return RespCacheable::Uncacheable(NoCacheReason::Custom("must-understand"));
     }
     let authorization = req.headers.contains_key(header::AUTHORIZATION);
-    match resp_cacheable(cc.as_ref(), resp.clone(), authorization, &DEFAULTS) {
+    // A targeted field replaces Cache-Control *and* Expires for us (RFC 9213 §2.2); the stored
+    // header keeps Expires for the clients, so only the copy we decide on loses it.
+    let mut decide_on = resp.clone();
+    if governing != "cache-control" {
+        decide_on.remove_header(&header::EXPIRES);
+    }
+    let decided = resp_cacheable(cc.as_ref(), decide_on, authorization, &DEFAULTS);
+    let decided = match decided {
+        RespCacheable::Cacheable(meta) if governing != "cache-control" => {
+            RespCacheable::Cacheable(restore_header(meta, resp))
+        }
+        other => other,
+    };
+    match decided {
         RespCacheable::Cacheable(mut meta) => {
             match upstream_age(resp) {
                 UpstreamAge::Absent => {}
@@ -101,6 +114,41 @@ pub fn response_cacheability(
         }
         uncacheable => uncacheable,
     }
+}
+
+/// Fields that govern a shared cache's handling of a response, most specific first: our own
+/// targeted field, then the CDN-targeted one (RFC 9213), then `Surrogate-Control` (Edge
+/// Architecture 1.0). Any of them present replaces `Cache-Control` and `Expires` for stratus;
+/// clients and browsers keep following `Cache-Control`.
+pub const TARGETED_CACHE_CONTROL: [&str; 3] = [
+    "stratus-cache-control",
+    "cdn-cache-control",
+    "surrogate-control",
+];
+
+/// Fields only stratus reads, removed before a response reaches a client (`CDN-Cache-Control`
+/// passes on: it targets every CDN on the way).
+pub const STRATUS_ONLY_FIELDS: [&str; 2] = ["stratus-cache-control", "surrogate-control"];
+
+/// The cache-control directives that govern stratus for `resp`, and the field they came from.
+pub fn governing_cache_control(resp: &ResponseHeader) -> (Option<CacheControl>, &'static str) {
+    for name in TARGETED_CACHE_CONTROL {
+        if resp.headers.contains_key(name) {
+            return (CacheControl::from_resp_headers_named(name, resp), name);
+        }
+    }
+    (CacheControl::from_resp_headers(resp), "cache-control")
+}
+
+/// `meta` with the response's `Expires` back: only the copy decided on went without it.
+fn restore_header(mut meta: CacheMeta, resp: &ResponseHeader) -> CacheMeta {
+    for value in resp.headers.get_all(header::EXPIRES) {
+        // A value taken from a parsed header: appending it cannot fail.
+        let _ = meta
+            .response_header_mut()
+            .append_header(header::EXPIRES, value.clone());
+    }
+    meta
 }
 
 /// Hop-by-hop fields of a message (RFC 9110 §7.6.1): the ones every proxy treats so, and the

@@ -1,6 +1,7 @@
 //! RFC 9111 behaviours, each against a real node and a counting origin, standalone and through
 //! two tiers (a lower in front of an upper): `Age` (§5.1), `must-understand` (§5.2.2.3),
-//! responses that set cookies, hop-by-hop fields (RFC 9110 §7.6.1) and 304 freshening (§4.3.4).
+//! responses that set cookies, hop-by-hop fields (RFC 9110 §7.6.1), 304 freshening (§4.3.4) and
+//! targeted cache control (RFC 9213, `Stratus-Cache-Control`, `Surrogate-Control`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -240,6 +241,91 @@ async fn a_304_freshens_the_stored_header_fields() {
                 "{name}: {field}: {:?}",
                 r.headers
             );
+        }
+    }
+}
+
+/// Response fields, whether stratus stores it, the ttl range it stores it with, and the fields
+/// a client must not see.
+type TargetedCase = (
+    &'static [(&'static str, &'static str)],
+    bool,
+    (i64, i64),
+    &'static [&'static str],
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn targeted_cache_control_governs_stratus_not_browsers() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        let cases: [TargetedCase; 4] = [
+            (
+                &[
+                    ("cache-control", "max-age=1"),
+                    ("cdn-cache-control", "max-age=600"),
+                ],
+                true,
+                (595, 600),
+                &[],
+            ),
+            (
+                &[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=600"),
+                    ("stratus-cache-control", "max-age=300"),
+                ],
+                true,
+                (295, 300),
+                &["stratus-cache-control"],
+            ),
+            (
+                &[
+                    ("cache-control", "private"),
+                    ("surrogate-control", "max-age=120"),
+                ],
+                true,
+                (115, 120),
+                &["surrogate-control"],
+            ),
+            (
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("cdn-cache-control", "no-store"),
+                ],
+                false,
+                (0, 0),
+                &[],
+            ),
+        ];
+        for (i, (fields, stored, (lo, hi), hidden)) in cases.into_iter().enumerate() {
+            let path = format!("/{name}/targeted/{i}");
+            let mut reply = Reply::ok("targeted");
+            for (k, v) in fields {
+                reply = reply.header(k, v);
+            }
+            origin.fixed(&path, reply);
+            let first = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            let second = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            for r in [&first, &second] {
+                assert_eq!(r.status, 200);
+                // Browsers keep following Cache-Control.
+                assert_eq!(r.header("cache-control"), Some(fields[0].1), "{name} {i}");
+                for h in hidden {
+                    assert!(r.header(h).is_none(), "{name} {i}: {h} reached the client");
+                }
+            }
+            if stored {
+                assert_eq!(origin.count(&path), 1, "{name} {i}: not stored");
+                let ttl = our_ttl(&first.cache_status());
+                assert!(
+                    ttl.is_some_and(|t| (lo..=hi).contains(&t)),
+                    "{name} {i}: {}",
+                    first.cache_status()
+                );
+            } else {
+                assert_eq!(origin.count(&path), 2, "{name} {i}: stored");
+            }
         }
     }
 }

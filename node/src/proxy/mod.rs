@@ -184,6 +184,12 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.remove_header(CONTROL_HEADER);
+        if self.config.node.role == Role::Lower {
+            // Directives meant for stratus alone never reach a client.
+            for name in policy::STRATUS_ONLY_FIELDS {
+                resp.remove_header(name);
+            }
+        }
         self.guide_lower_update(session, resp)?;
         let outcome = self.outcome(session, ctx);
         self.add_cache_status(session, resp, ctx, &outcome)
