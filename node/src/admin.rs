@@ -13,12 +13,12 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::json;
 
-use crate::config::{normalize_host, Config};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::store::Store;
-use crate::tier::{exchange, Tier, CONTROL_HEADER};
-use stratus_tiering::{Health, MemberId, RequestIdentity, RequestLine};
+use crate::tier::Tier;
+use stratus_tiering::Health;
 
 /// Purge bodies are one small JSON object.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -95,54 +95,6 @@ impl Admin {
         )
     }
 
-    /// Purges `host`/`path` on one upper member, authenticated by a control context
-    /// addressed to it. The answer names the member as it names itself.
-    async fn purge_member(
-        &self,
-        tier: &Tier,
-        member: MemberId,
-        host: &str,
-        path: &str,
-    ) -> serde_json::Value {
-        let addr = tier.view().members().get(member).map(|m| m.addr);
-        let identity = RequestIdentity::new(
-            host,
-            policy::key_id(&policy::primary_key(host, path)),
-            format!("{:032x}", rand::random::<u128>()),
-            self.config.node.name.clone(),
-        );
-        let (Some(addr), Some(ctx)) = (addr, tier.issue(&identity, member)) else {
-            return json!({"node": member, "outcome": "error: unknown member"});
-        };
-        let value = ctx.encode(
-            &tier.secret,
-            RequestLine {
-                method: "PURGE",
-                target: path,
-            },
-        );
-        let request = format!(
-            "PURGE {path} HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: {value}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        let timeout = tier.settings.connect_timeout + tier.settings.probe_timeout;
-        let answer = exchange(addr, request.as_bytes(), timeout).await;
-        let reply = answer
-            .as_ref()
-            .ok()
-            .filter(|(status, _)| *status == 200)
-            .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(body).ok());
-        let name = reply
-            .as_ref()
-            .and_then(|v| v.get("node").cloned())
-            .unwrap_or_else(|| json!(tier.recipient(member).unwrap_or_default()));
-        let outcome = match (&answer, &reply) {
-            (_, Some(v)) => v.get("outcome").cloned().unwrap_or(json!("unknown")),
-            (Ok((status, _)), None) => json!(format!("error: upper answered {status}")),
-            (Err(e), None) => json!(format!("error: {e}")),
-        };
-        json!({"node": name, "addr": addr.to_string(), "outcome": outcome})
-    }
-
     /// Removes every variant of one URL from every node that may hold it: on a lower node,
     /// every upper member first (failover copies too, down members included), then this node,
     /// so no lower refills from an upper that still holds the old copy.
@@ -168,7 +120,7 @@ impl Admin {
         let mut results = Vec::new();
         if let Some(tier) = self.tier.as_deref().filter(|t| t.has_upper()) {
             let members = 0..tier.view().members().len();
-            let purges = members.map(|m| self.purge_member(tier, m, &host, &path));
+            let purges = members.map(|m| tier.purge_member(m, &host, &path));
             results = futures::future::join_all(purges).await;
         }
         let primary = policy::cache_key(&host, &path).primary_bin();
@@ -181,16 +133,7 @@ impl Admin {
     }
 }
 
-/// `http://Host:port/path?q` → (`host`, `/path?q`), with the host normalised as for requests.
-fn split_url(url: &str) -> Option<(String, String)> {
-    let uri: http::Uri = url.parse().ok()?;
-    if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
-        return None;
-    }
-    let host = normalize_host(uri.authority()?.as_str())?;
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    Some((host, path))
-}
+use crate::policy::split_url;
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

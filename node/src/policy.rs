@@ -224,6 +224,49 @@ pub fn freshen(meta: &mut CacheMeta, fields: &[(http::HeaderName, http::HeaderVa
     }
 }
 
+/// `http://Host:port/path?q` → (`host`, `/path?q`), with the host normalised as for requests.
+pub fn split_url(url: &str) -> Option<(String, String)> {
+    let uri: http::Uri = url.parse().ok()?;
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+        return None;
+    }
+    let host = crate::config::normalize_host(uri.authority()?.as_str())?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    Some((host, path))
+}
+
+/// The paths on `host` a response to `method` on `target` invalidates (RFC 9111 §4.4): for a
+/// non-error response to an unsafe method, the target and the same-host URIs in `Location` and
+/// `Content-Location` (relative or absolute).
+pub fn invalidated_paths(
+    method: &http::Method,
+    status: u16,
+    host: &str,
+    target: &str,
+    resp: &ResponseHeader,
+) -> Vec<String> {
+    if method.is_safe() || !(100..400).contains(&status) {
+        return Vec::new();
+    }
+    let mut paths = vec![target.to_string()];
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let path = if value.starts_with('/') && !value.starts_with("//") {
+            http::uri::PathAndQuery::try_from(value)
+                .ok()
+                .map(|p| p.as_str().to_string())
+        } else {
+            split_url(value).filter(|(h, _)| h == host).map(|(_, p)| p)
+        };
+        if let Some(p) = path.filter(|p| !paths.contains(p)) {
+            paths.push(p);
+        }
+    }
+    paths
+}
+
 /// Status codes whose semantics stratus implements, for `must-understand` (RFC 9111
 /// §5.2.2.3): the final codes RFC 9110 defines as cacheable or that stratus caches by explicit
 /// freshness, and 304.

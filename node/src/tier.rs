@@ -257,6 +257,54 @@ impl Tier {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
+    /// Purges `host`/`path` on one upper member, authenticated by a control context addressed
+    /// to it. The answer names the member as it names itself.
+    pub async fn purge_member(
+        &self,
+        member: MemberId,
+        host: &str,
+        path: &str,
+    ) -> serde_json::Value {
+        use serde_json::json;
+        let addr = self.view().members().get(member).map(|m| m.addr);
+        let identity = RequestIdentity::new(
+            host,
+            crate::policy::key_id(&crate::policy::primary_key(host, path)),
+            format!("{:032x}", rand::random::<u128>()),
+            self.node_name.clone(),
+        );
+        let (Some(addr), Some(ctx)) = (addr, self.issue(&identity, member)) else {
+            return json!({"node": member, "outcome": "error: unknown member"});
+        };
+        let value = ctx.encode(
+            &self.secret,
+            RequestLine {
+                method: "PURGE",
+                target: path,
+            },
+        );
+        let request = format!(
+            "PURGE {path} HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: {value}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let timeout = self.settings.connect_timeout + self.settings.probe_timeout;
+        let answer = exchange(addr, request.as_bytes(), timeout).await;
+        let reply = answer
+            .as_ref()
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(body).ok());
+        let name = reply
+            .as_ref()
+            .and_then(|v| v.get("node").cloned())
+            .unwrap_or_else(|| json!(self.recipient(member).unwrap_or_default()));
+        let outcome = match (&answer, &reply) {
+            (_, Some(v)) => v.get("outcome").cloned().unwrap_or(json!("unknown")),
+            (Ok((status, _)), None) => json!(format!("error: upper answered {status}")),
+            (Err(e), None) => json!(format!("error: {e}")),
+        };
+        json!({"node": name, "addr": addr.to_string(), "outcome": outcome})
+    }
+
     /// The readiness probe a lower sends `member`: the health path with a signed context, so
     /// a member with another secret or a skewed clock refuses it as it would a request.
     fn probe_request(&self, member: MemberId) -> Option<String> {

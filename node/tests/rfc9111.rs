@@ -329,3 +329,91 @@ async fn targeted_cache_control_governs_stratus_not_browsers() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsafe_methods_invalidate_the_target_and_its_locations() {
+    let origin = TestOrigin::start().await.expect("origin");
+    let origins = [OriginEntry::new(HOST, origin.addr())];
+    let standalone = NodeProcess::start(bin(), "solo", &origins, "")
+        .await
+        .expect("standalone node");
+    // Two uppers, so some invalidated keys are owned by the upper that did not serve the POST.
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 2,
+        origins: origins.to_vec(),
+        lower_tier_extra: String::new(),
+        common_extra: String::new(),
+    };
+    let fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    let runs = [
+        ("standalone", standalone.listen),
+        ("tiered", fleet.lowers[0].listen),
+    ];
+    for (name, addr) in runs {
+        let gets = |path: &str| {
+            origin
+                .requests(path)
+                .iter()
+                .filter(|r| r.method == "GET")
+                .count()
+        };
+        for round in 0..4 {
+            let target = format!("/{name}/inv/{round}/target");
+            let created = format!("/{name}/inv/{round}/created");
+            let described = format!("/{name}/inv/{round}/described");
+            let elsewhere = format!("/{name}/inv/{round}/elsewhere");
+            let (c, d) = (created.clone(), described.clone());
+            origin.route(&target, move |req, _| {
+                if req.method == "GET" {
+                    Reply::ok("target").header("cache-control", "max-age=600")
+                } else {
+                    Reply::ok("made")
+                        .status(201)
+                        .header("location", &c)
+                        .header("content-location", &format!("http://example.test{d}"))
+                }
+            });
+            for p in [&created, &described, &elsewhere] {
+                origin.fixed(
+                    p,
+                    Reply::ok("object").header("cache-control", "max-age=600"),
+                );
+            }
+            for p in [&target, &created, &described, &elsewhere] {
+                client::get(addr, HOST, p, &[]).await.expect("warm");
+            }
+            let method = ["POST", "PUT", "DELETE", "PATCH"][round];
+            let r = client::request(addr, method, HOST, &target, &[("content-length", "0")])
+                .await
+                .expect("unsafe request");
+            assert_eq!(r.status, 201, "{name} {method}");
+            for p in [&target, &created, &described, &elsewhere] {
+                client::get(addr, HOST, p, &[]).await.expect("again");
+            }
+            for p in [&target, &created, &described] {
+                assert_eq!(gets(p), 2, "{name} {method}: {p} was not invalidated");
+            }
+            assert_eq!(
+                gets(&elsewhere),
+                1,
+                "{name} {method}: an unrelated key was invalidated"
+            );
+        }
+        // An error response invalidates nothing.
+        let path = format!("/{name}/inv/error");
+        origin.route(&path, |req, _| {
+            if req.method == "GET" {
+                Reply::ok("kept").header("cache-control", "max-age=600")
+            } else {
+                Reply::ok("no").status(500)
+            }
+        });
+        client::get(addr, HOST, &path, &[]).await.expect("warm");
+        client::request(addr, "POST", HOST, &path, &[("content-length", "0")])
+            .await
+            .expect("post");
+        client::get(addr, HOST, &path, &[]).await.expect("again");
+        assert_eq!(gets(&path), 1, "{name}: an error response invalidated");
+    }
+}

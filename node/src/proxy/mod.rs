@@ -25,6 +25,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use http::header;
+use pingora_cache::key::CacheHashKey;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora_cache::predictor::{CacheablePredictor, Predictor};
 use pingora_cache::{
@@ -191,6 +192,7 @@ impl ProxyHttp for Proxy {
             }
         }
         self.guide_lower_update(session, resp)?;
+        self.invalidate_after_unsafe(session, resp, ctx).await;
         let outcome = self.outcome(session, ctx);
         self.add_cache_status(session, resp, ctx, &outcome)
     }
@@ -372,6 +374,42 @@ impl Proxy {
         {
             self.predictor
                 .mark_uncacheable(session.cache.cache_key(), NoCacheReason::ResponseTooLarge);
+        }
+    }
+
+    /// A non-error response to an unsafe method invalidates the target and its same-host
+    /// `Location`/`Content-Location` here and, from a lower, at each key's owning upper (the
+    /// upper that served the request invalidates its own copy the same way). The response
+    /// waits for the remote purges (each bounded by the tier's connect + probe timeouts), so
+    /// the client's next request cannot refill from a copy not yet invalidated.
+    async fn invalidate_after_unsafe(&self, session: &Session, resp: &ResponseHeader, ctx: &Ctx) {
+        let Some(r) = ctx.request.as_ref() else {
+            return;
+        };
+        let req = session.req_header();
+        if req.method.as_str() == "PURGE" {
+            return;
+        }
+        let paths = policy::invalidated_paths(
+            &req.method,
+            resp.status.as_u16(),
+            &r.host,
+            &r.path_and_query,
+            resp,
+        );
+        let mut remote = Vec::new();
+        for path in &paths {
+            self.store
+                .purge_primary(policy::cache_key(&r.host, path).primary_bin());
+            if let Some(tier) = self.lower_tier() {
+                let key = policy::primary_key(&r.host, path);
+                if let Some(owner) = tier.view().ring().owner(key.as_bytes()) {
+                    remote.push(tier.purge_member(owner, &r.host, path));
+                }
+            }
+        }
+        for outcome in futures::future::join_all(remote).await {
+            tracing::debug!(%outcome, "invalidated at the owning upper");
         }
     }
 
