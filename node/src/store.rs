@@ -40,6 +40,11 @@ use pingora_cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora_error::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
+/// Variants (`Vary`) one URL may have stored at once; further ones are served, not stored
+/// (Traffic Server's `max_alts` idea; a client varying a header cannot fill the cache with one
+/// URL).
+pub const MAX_VARIANTS: usize = 32;
+
 /// Bytes charged per entry on top of body and metadata: key, moka node, `Arc`s.
 const ENTRY_OVERHEAD: u64 = 160;
 
@@ -112,6 +117,9 @@ pub struct Store {
     capacity: u64,
     /// Largest body stored; a fill growing past it is streamed through, not stored.
     max_object: usize,
+    /// Stored variants per primary key: counted on insert, uncounted by moka's eviction
+    /// listener (replacement, expiry, eviction, purge alike).
+    variants: Arc<Mutex<HashMap<HashBinary, usize>>>,
 }
 
 /// moka expiry policy: an entry lives until its `keep_until`.
@@ -176,9 +184,20 @@ fn storage_error(context: &'static str, detail: String) -> Box<Error> {
 impl Store {
     /// A store that keeps at most `capacity` weighted bytes of finished objects.
     pub fn new(capacity: u64) -> Self {
+        let variants: Arc<Mutex<HashMap<HashBinary, usize>>> = Arc::default();
+        let counted = variants.clone();
         let done = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .weigher(|_k: &HashBinary, v: &Stored| v.weight())
+            .eviction_listener(move |_k, v: Stored, _cause| {
+                let mut counts = counted.lock();
+                if let Some(n) = counts.get_mut(&v.primary) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.remove(&v.primary);
+                    }
+                }
+            })
             .expire_after(KeepUntil)
             .support_invalidation_closures()
             .build();
@@ -188,6 +207,7 @@ impl Store {
             next_fill_id: AtomicU64::new(1),
             capacity,
             max_object: usize::try_from(capacity).unwrap_or(usize::MAX),
+            variants,
         }
     }
 
@@ -247,6 +267,20 @@ impl Store {
             owner,
         };
         Ok((meta, Box::new(reader)))
+    }
+
+    /// Whether an object under `key` may be stored: a replacement always, a new variant only
+    /// while its URL has fewer than [`MAX_VARIANTS`]. Counts it when admitted.
+    fn admit_variant(&self, key: &HashBinary, primary: &HashBinary) -> bool {
+        let replacing = self.done.contains_key(key);
+        let mut counts = self.variants.lock();
+        let n = counts.entry(*primary).or_insert(0);
+        if !replacing && *n >= MAX_VARIANTS {
+            return false;
+        }
+        // A replacement's old entry is uncounted by the eviction listener.
+        *n += 1;
+        true
     }
 
     fn remove_fill(&self, key: &HashBinary, id: u64) {
@@ -618,7 +652,7 @@ impl HandleMiss for StoreMiss {
             .lock()
             .get(&self.key)
             .is_some_and(|per_key| per_key.contains_key(&self.id));
-        if still_current {
+        if still_current && self.store.admit_variant(&self.key, &self.primary) {
             self.store.done.insert(self.key, stored);
         }
         let chunks = self.fill.chunks.read().len();

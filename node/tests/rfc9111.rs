@@ -417,3 +417,38 @@ async fn unsafe_methods_invalidate_the_target_and_its_locations() {
         assert_eq!(gets(&path), 1, "{name}: an error response invalidated");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expires_at_or_before_date_or_invalid_is_already_stale() {
+    let origin = TestOrigin::start().await.expect("origin");
+    let now = std::time::SystemTime::now();
+    let date = httpdate::fmt_http_date(now);
+    let before = httpdate::fmt_http_date(now - std::time::Duration::from_secs(60));
+    let later = httpdate::fmt_http_date(now + std::time::Duration::from_secs(600));
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        for (i, (expires, stored)) in [
+            (date.as_str(), false),
+            (before.as_str(), false),
+            ("0", false),
+            ("not a date", false),
+            (later.as_str(), true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = format!("/{name}/expires/{i}");
+            origin.fixed(
+                &path,
+                Reply::ok("e")
+                    .header("date", &date)
+                    .header("expires", expires),
+            );
+            for _ in 0..2 {
+                client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            }
+            let want = if stored { 1 } else { 2 };
+            assert_eq!(origin.count(&path), want, "{name}: Expires {expires:?}");
+        }
+    }
+}

@@ -304,3 +304,72 @@ fn an_over_limit_fill_streams_whole_to_its_own_reader_and_is_not_stored() {
         );
     });
 }
+
+#[test]
+fn variants_per_url_are_bounded() {
+    let store = Store::leaked(1 << 24);
+    rt().block_on(async {
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let variant = |v: u16| {
+            let mut k = CacheKey::new("one-url", "");
+            let mut hash = [0u8; 16];
+            hash[..2].copy_from_slice(&v.to_be_bytes());
+            k.set_variance_key(hash);
+            k
+        };
+        for v in 0..(MAX_VARIANTS as u16 + 8) {
+            let mut miss = store
+                .get_miss_handler(&variant(v), &meta(Duration::from_secs(600)), &span)
+                .await
+                .expect("miss handler");
+            miss.write_body(Bytes::from_static(b"variant"), true)
+                .await
+                .expect("write");
+            miss.finish().await.expect("finish");
+        }
+        let mut stored = 0;
+        for v in 0..(MAX_VARIANTS as u16 + 8) {
+            if store
+                .lookup(&variant(v), &span)
+                .await
+                .expect("lookup")
+                .is_some()
+            {
+                stored += 1;
+            }
+        }
+        assert_eq!(
+            stored, MAX_VARIANTS,
+            "one URL holds at most MAX_VARIANTS variants"
+        );
+        // Another URL is unaffected, and replacing a stored variant is always allowed.
+        let mut miss = store
+            .get_miss_handler(&key(9), &meta(Duration::from_secs(600)), &span)
+            .await
+            .expect("miss handler");
+        miss.write_body(Bytes::from_static(b"other"), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        assert!(store
+            .lookup(&key(9), &span)
+            .await
+            .expect("lookup")
+            .is_some());
+        let mut again = store
+            .get_miss_handler(&variant(0), &meta(Duration::from_secs(600)), &span)
+            .await
+            .expect("miss handler");
+        again
+            .write_body(Bytes::from_static(b"newer"), true)
+            .await
+            .expect("write");
+        again.finish().await.expect("finish");
+        let (_, mut hit) = store
+            .lookup(&variant(0), &span)
+            .await
+            .expect("lookup")
+            .expect("replaced variant stored");
+        assert_eq!(read_all(&mut hit).await.expect("body"), "newer");
+    });
+}
