@@ -64,9 +64,41 @@ struct Stored {
     /// The primary hash, so a purge can remove every `Vary` variant of a URL.
     primary: HashBinary,
     meta: MetaBlobs,
-    body: Bytes,
+    body: Body,
     /// After this instant no request may use the object, not even stale.
     keep_until: SystemTime,
+}
+
+/// A finished body: the chunks as the fill wrote them, shared, never copied into one buffer.
+#[derive(Clone, Default)]
+struct Body {
+    chunks: Arc<[Bytes]>,
+    len: usize,
+}
+
+impl Body {
+    fn new(chunks: &[Bytes]) -> Body {
+        Body {
+            len: chunks.iter().map(Bytes::len).sum(),
+            chunks: chunks.iter().filter(|c| !c.is_empty()).cloned().collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The index and start offset of the chunk holding byte `pos`.
+    fn locate(&self, pos: usize) -> Option<(usize, usize)> {
+        let mut offset = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            if pos < offset + c.len() {
+                return Some((i, offset));
+            }
+            offset += c.len();
+        }
+        None
+    }
 }
 
 impl Stored {
@@ -319,9 +351,9 @@ impl Storage for Store {
         let len = stored.body.len();
         let hit = CompleteHit {
             body: stored.body,
-            start: 0,
+            pos: 0,
             end: len,
-            read: false,
+            chunk: Some((0, 0)),
         };
         Ok(Some((meta, Box::new(hit))))
     }
@@ -437,22 +469,34 @@ impl Storage for Store {
     }
 }
 
-/// A hit on a finished object: a slice of its body, seekable for ranges.
+/// A hit on a finished object: its body chunk by chunk (slices, no copies), seekable for
+/// ranges.
 struct CompleteHit {
-    body: Bytes,
-    start: usize,
+    body: Body,
+    /// Next byte to read, and the byte after the last one to read.
+    pos: usize,
     end: usize,
-    read: bool,
+    /// The chunk holding `pos` and that chunk's start offset.
+    chunk: Option<(usize, usize)>,
 }
 
 #[async_trait]
 impl HandleHit for CompleteHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        if self.read || self.start >= self.end {
+        let Some((i, offset)) = self.chunk.filter(|_| self.pos < self.end) else {
             return Ok(None);
-        }
-        self.read = true;
-        Ok(Some(self.body.slice(self.start..self.end)))
+        };
+        let Some(c) = self.body.chunks.get(i) else {
+            return Ok(None);
+        };
+        let from = self.pos - offset;
+        let to = (self.end - offset).min(c.len());
+        let piece = c.slice(from..to);
+        self.pos = offset + to;
+        self.chunk = (to == c.len())
+            .then_some((i + 1, offset + c.len()))
+            .or(self.chunk);
+        Ok(Some(piece))
     }
 
     async fn finish(
@@ -476,10 +520,10 @@ impl HandleHit for CompleteHit {
                 format!("start {start} beyond body length {len}"),
             ));
         }
-        self.start = start;
-        self.end = end.map_or(len, |e| e.min(len));
         // A seek restarts reading so one handler can serve several ranges.
-        self.read = false;
+        self.pos = start;
+        self.end = end.map_or(len, |e| e.min(len));
+        self.chunk = self.body.locate(start);
         Ok(())
     }
 
@@ -624,20 +668,8 @@ impl HandleMiss for StoreMiss {
             self.store.remove_fill(&self.key, self.id);
             return Ok(MissFinishType::Created(self.bytes));
         }
-        let body = {
-            let chunks = self.fill.chunks.read();
-            match chunks.len() {
-                0 => Bytes::new(),
-                1 => chunks[0].clone(),
-                _ => {
-                    let mut joined = Vec::with_capacity(self.bytes);
-                    for c in chunks.iter() {
-                        joined.extend_from_slice(c);
-                    }
-                    Bytes::from(joined)
-                }
-            }
-        };
+        // The chunks are shared, not joined: a finished fill is never copied a second time.
+        let body = Body::new(&self.fill.chunks.read());
         let size = body.len();
         let stored = Stored {
             primary: self.primary,

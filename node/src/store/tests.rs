@@ -373,3 +373,30 @@ fn variants_per_url_are_bounded() {
         assert_eq!(read_all(&mut hit).await.expect("body"), "newer");
     });
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A finished object kept as its fill's chunks reads back whole and serves every range
+    /// exactly, across chunk boundaries.
+    #[test]
+    fn chunked_bodies_serve_every_range(len in 1usize..400, chunk in 1usize..64, ranges in prop::collection::vec((0usize..400, 0usize..400), 1..6)) {
+        let store = Store::leaked(1 << 20);
+        let b = body(5, 1, len);
+        rt().block_on(async {
+            fill(store, 5, &b, chunk, true).await;
+            let span = pingora_cache::trace::Span::inactive().handle();
+            let (_, mut hit) = store.lookup(&key(5), &span).await.expect("lookup").expect("stored");
+            prop_assert_eq!(read_all(&mut hit).await.expect("whole"), b.clone());
+            for (a, z) in ranges {
+                let (start, end) = (a.min(z) % b.len(), a.max(z).min(b.len()));
+                if start >= end {
+                    continue;
+                }
+                hit.seek(start, Some(end)).expect("seek");
+                prop_assert_eq!(read_all(&mut hit).await.expect("range"), b.slice(start..end));
+            }
+            Ok(())
+        })?;
+    }
+}
