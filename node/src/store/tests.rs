@@ -400,3 +400,45 @@ proptest! {
         })?;
     }
 }
+
+#[test]
+fn a_purge_between_a_fills_start_and_its_first_chunk_mixes_nothing() {
+    let store = Store::leaked(1 << 20);
+    rt().block_on(async {
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let mut old = store
+            .get_miss_handler(&key(3), &meta(Duration::from_secs(60)), &span)
+            .await
+            .expect("miss handler");
+        let (_, mut early_reader) = store
+            .lookup(&key(3), &span)
+            .await
+            .expect("lookup")
+            .expect("fill visible");
+        assert!(
+            store.purge_primary(key(3).primary_bin()),
+            "the fill is purged"
+        );
+        // A new fill of the same key starts after the purge.
+        let mut new = store
+            .get_miss_handler(&key(3), &meta(Duration::from_secs(60)), &span)
+            .await
+            .expect("miss handler");
+        old.write_body(Bytes::from_static(b"old body"), true)
+            .await
+            .expect("write");
+        new.write_body(Bytes::from_static(b"new body"), true)
+            .await
+            .expect("write");
+        new.finish().await.expect("finish");
+        old.finish().await.expect("finish");
+        // The purged fill never lands over the newer one; its early reader gets its own body.
+        let (_, mut hit) = store
+            .lookup(&key(3), &span)
+            .await
+            .expect("lookup")
+            .expect("the newer fill is stored");
+        assert_eq!(read_all(&mut hit).await.expect("body"), "new body");
+        assert_eq!(read_all(&mut early_reader).await.expect("body"), "old body");
+    });
+}
