@@ -133,8 +133,9 @@ pub const STRATUS_ONLY_FIELDS: [&str; 2] = ["stratus-cache-control", "surrogate-
 /// The cache-control directives that govern stratus for `resp`, and the field they came from.
 pub fn governing_cache_control(resp: &ResponseHeader) -> (Option<CacheControl>, &'static str) {
     for name in TARGETED_CACHE_CONTROL {
-        if resp.headers.contains_key(name) {
-            return (CacheControl::from_resp_headers_named(name, resp), name);
+        // One that does not parse is passed over for the next, not taken as "no caching".
+        if let Some(cc) = CacheControl::from_resp_headers_named(name, resp) {
+            return (Some(cc), name);
         }
     }
     (CacheControl::from_resp_headers(resp), "cache-control")
@@ -155,12 +156,11 @@ fn restore_header(mut meta: CacheMeta, resp: &ResponseHeader) -> CacheMeta {
 /// ones its `Connection` field names. They describe one connection: never stored, and (but for
 /// the framing and upgrade fields pingora manages itself) never forwarded.
 pub fn hop_by_hop_fields(headers: &http::HeaderMap) -> Vec<String> {
-    const ALWAYS: [&str; 7] = [
+    const ALWAYS: [&str; 6] = [
         "connection",
         "keep-alive",
         "proxy-connection",
         "te",
-        "trailer",
         "transfer-encoding",
         "upgrade",
     ];
@@ -194,11 +194,21 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
 }
 
 /// The fields of a 304 that replace the stored response's (RFC 9111 §4.3.4): every field but
-/// framing, hop-by-hop fields and our own per-hop `Cache-Status`, in order.
+/// framing and coding (the stored body's), `Vary` (the stored variance), hop-by-hop fields, our
+/// per-hop `Cache-Status` and `Age`, and `Set-Cookie` (never stored), in order.
 pub fn freshening_fields(
     not_modified: &ResponseHeader,
 ) -> Vec<(http::HeaderName, http::HeaderValue)> {
-    const KEEP_STORED: [&str; 4] = ["content-length", "content-range", "cache-status", "age"];
+    const KEEP_STORED: [&str; 8] = [
+        "content-length",
+        "content-range",
+        "content-encoding",
+        "vary",
+        "cache-status",
+        "age",
+        "set-cookie",
+        "set-cookie2",
+    ];
     let hop = hop_by_hop_fields(&not_modified.headers);
     not_modified
         .headers
@@ -210,11 +220,10 @@ pub fn freshening_fields(
         .collect()
 }
 
-/// Replaces the stored header fields of `meta` with those a 304 carried. Pingora's own merge
+/// Replaces the fields of a stored `header` with those a 304 carried. Pingora's own merge
 /// copies only a fixed list (Cache-Control, Expires, ETag, …); every other field, extensions
 /// included, must be updated as well.
-pub fn freshen(meta: &mut CacheMeta, fields: &[(http::HeaderName, http::HeaderValue)]) {
-    let header = meta.response_header_mut();
+pub fn freshen(header: &mut ResponseHeader, fields: &[(http::HeaderName, http::HeaderValue)]) {
     for (name, _) in fields {
         header.remove_header(name);
     }
@@ -237,7 +246,7 @@ pub fn split_url(url: &str) -> Option<(String, String)> {
 
 /// The paths on `host` a response to `method` on `target` invalidates (RFC 9111 §4.4): for a
 /// non-error response to an unsafe method, the target and the same-host URIs in `Location` and
-/// `Content-Location` (relative or absolute).
+/// `Content-Location` (absolute, or absolute paths; other relative references are ignored).
 pub fn invalidated_paths(
     method: &http::Method,
     status: u16,
@@ -245,7 +254,8 @@ pub fn invalidated_paths(
     target: &str,
     resp: &ResponseHeader,
 ) -> Vec<String> {
-    if method.is_safe() || !(100..400).contains(&status) {
+    // A 1xx is not the response: only a final 2xx/3xx invalidates.
+    if method.is_safe() || !(200..400).contains(&status) {
         return Vec::new();
     }
     let mut paths = vec![target.to_string()];
@@ -463,6 +473,16 @@ mod tests {
             ttl(&response_cacheability(&req(), &r, now), now)
         };
         assert_eq!(mu(200), Some(60));
+        // Only a final non-error response to an unsafe method invalidates.
+        let post = http::Method::POST;
+        let created = resp(&[("location", "/new")]);
+        assert!(invalidated_paths(&post, 100, "h", "/t", &created).is_empty());
+        assert!(invalidated_paths(&post, 500, "h", "/t", &created).is_empty());
+        assert!(invalidated_paths(&http::Method::GET, 200, "h", "/t", &created).is_empty());
+        assert_eq!(
+            invalidated_paths(&post, 201, "h", "/t", &created),
+            ["/t", "/new"]
+        );
         assert_eq!(mu(299), None);
         assert_eq!(mu(418), None);
     }

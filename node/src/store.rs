@@ -22,7 +22,7 @@
 //!   committed — and that request's client gets the whole body.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -76,11 +76,33 @@ struct Body {
     len: usize,
 }
 
+/// Chunks smaller than this are joined on commit: an origin that sends a body in tiny chunks
+/// must not cost a `Bytes` per byte (memory, and a read call per chunk on every hit). Larger
+/// chunks are kept as they are, never copied.
+const MIN_PIECE: usize = 16 * 1024;
+/// Bytes charged per stored chunk (the `Bytes` handle and its share of the allocation).
+const CHUNK_OVERHEAD: u64 = 64;
+
 impl Body {
     fn new(chunks: &[Bytes]) -> Body {
+        let mut pieces: Vec<Bytes> = Vec::new();
+        let mut small: Vec<u8> = Vec::new();
+        for c in chunks.iter().filter(|c| !c.is_empty()) {
+            if c.len() >= MIN_PIECE && small.is_empty() {
+                pieces.push(c.clone());
+                continue;
+            }
+            small.extend_from_slice(c);
+            if small.len() >= MIN_PIECE {
+                pieces.push(Bytes::from(std::mem::take(&mut small)));
+            }
+        }
+        if !small.is_empty() {
+            pieces.push(Bytes::from(small));
+        }
         Body {
-            len: chunks.iter().map(Bytes::len).sum(),
-            chunks: chunks.iter().filter(|c| !c.is_empty()).cloned().collect(),
+            len: pieces.iter().map(Bytes::len).sum(),
+            chunks: pieces.into(),
         }
     }
 
@@ -104,6 +126,7 @@ impl Body {
 impl Stored {
     fn weight(&self) -> u32 {
         let bytes = self.body.len() as u64
+            + self.body.chunks.len() as u64 * CHUNK_OVERHEAD
             + self.meta.0.len() as u64
             + self.meta.1.len() as u64
             + ENTRY_OVERHEAD;
@@ -145,13 +168,17 @@ pub struct StoreUsage {
 pub struct Store {
     done: moka::sync::Cache<HashBinary, Stored>,
     fills: Mutex<HashMap<HashBinary, HashMap<u64, Fill>>>,
+    /// Every live fill by id, untouched by purges: a fill's own request always reads its own
+    /// fill, never another object under its headers.
+    fills_by_id: Mutex<HashMap<u64, Fill>>,
     next_fill_id: AtomicU64,
     capacity: u64,
     /// Largest body stored; a fill growing past it is streamed through, not stored.
     max_object: usize,
-    /// Stored variants per primary key: counted on insert, uncounted by moka's eviction
-    /// listener (replacement, expiry, eviction, purge alike).
-    variants: Arc<Mutex<HashMap<HashBinary, usize>>>,
+    /// The stored keys (variants) of each URL (primary key): added on insert, removed by
+    /// moka's eviction listener (expiry, eviction, purge; a replacement keeps its key). It
+    /// bounds variants per URL and lets a purge remove exactly a URL's keys.
+    variants: Arc<Mutex<HashMap<HashBinary, HashSet<HashBinary>>>>,
 }
 
 /// moka expiry policy: an entry lives until its `keep_until`.
@@ -216,26 +243,29 @@ fn storage_error(context: &'static str, detail: String) -> Box<Error> {
 impl Store {
     /// A store that keeps at most `capacity` weighted bytes of finished objects.
     pub fn new(capacity: u64) -> Self {
-        let variants: Arc<Mutex<HashMap<HashBinary, usize>>> = Arc::default();
-        let counted = variants.clone();
+        let variants: Arc<Mutex<HashMap<HashBinary, HashSet<HashBinary>>>> = Arc::default();
+        let index = variants.clone();
         let done = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .weigher(|_k: &HashBinary, v: &Stored| v.weight())
-            .eviction_listener(move |_k, v: Stored, _cause| {
-                let mut counts = counted.lock();
-                if let Some(n) = counts.get_mut(&v.primary) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        counts.remove(&v.primary);
+            .eviction_listener(move |k: Arc<HashBinary>, v: Stored, cause| {
+                if cause == moka::notification::RemovalCause::Replaced {
+                    return; // the key is stored still, with a new value
+                }
+                let mut index = index.lock();
+                if let Some(keys) = index.get_mut(&v.primary) {
+                    keys.remove(&*k);
+                    if keys.is_empty() {
+                        index.remove(&v.primary);
                     }
                 }
             })
             .expire_after(KeepUntil)
-            .support_invalidation_closures()
             .build();
         Store {
             done,
             fills: Mutex::new(HashMap::new()),
+            fills_by_id: Mutex::new(HashMap::new()),
             next_fill_id: AtomicU64::new(1),
             capacity,
             max_object: usize::try_from(capacity).unwrap_or(usize::MAX),
@@ -277,15 +307,12 @@ impl Store {
     /// Returns whether anything was removed.
     pub fn purge_primary(&self, primary: HashBinary) -> bool {
         let filling = self.fills.lock().remove(&primary).is_some();
-        let stored =
-            self.done.contains_key(&primary) || self.done.iter().any(|(_, v)| v.primary == primary);
-        // Invalidation closures apply to reads at once and are reaped in the background.
-        // The closure cannot fail to register here: the builder enabled them.
-        let _ = self
-            .done
-            .invalidate_entries_if(move |_, v| v.primary == primary);
-        self.done.invalidate(&primary);
-        filling || stored
+        // Exactly this URL's keys: no walk over the cache, whatever a client makes us purge.
+        let keys = self.variants.lock().remove(&primary).unwrap_or_default();
+        for key in &keys {
+            self.done.invalidate(key);
+        }
+        filling || !keys.is_empty()
     }
 
     /// A reader of `fill`; `owner` is the fetching request's own reader.
@@ -304,14 +331,15 @@ impl Store {
     /// Whether an object under `key` may be stored: a replacement always, a new variant only
     /// while its URL has fewer than [`MAX_VARIANTS`]. Counts it when admitted.
     fn admit_variant(&self, key: &HashBinary, primary: &HashBinary) -> bool {
-        let replacing = self.done.contains_key(key);
-        let mut counts = self.variants.lock();
-        let n = counts.entry(*primary).or_insert(0);
-        if !replacing && *n >= MAX_VARIANTS {
+        let mut index = self.variants.lock();
+        let keys = index.entry(*primary).or_default();
+        if keys.contains(key) {
+            return true;
+        }
+        if keys.len() >= MAX_VARIANTS {
             return false;
         }
-        // A replacement's old entry is uncounted by the eviction listener.
-        *n += 1;
+        keys.insert(*key);
         true
     }
 
@@ -370,15 +398,16 @@ impl Storage for Store {
         let id: u64 = U64WriteId::try_from(tag)
             .map_err(|_| storage_error("lookup_streaming_write", "bad write tag".into()))?
             .into();
-        let fill = self
-            .fills
-            .lock()
-            .get(&key.combined_bin())
-            .and_then(|per_key| per_key.get(&id).cloned());
+        let _ = trace;
+        let fill = self.fills_by_id.lock().get(&id).cloned();
         match fill {
             Some(fill) => Self::hit_from_fill(&fill, true).map(Some),
-            // The fill finished (or was purged) between the write and this read.
-            None => self.lookup(key, trace).await,
+            // Its own fill is gone (finished or dropped before its reader): never fall back to
+            // whatever else is stored under the key.
+            None => Err(storage_error(
+                "lookup_streaming_write",
+                format!("fill {id} is no longer in progress"),
+            )),
         }
     }
 
@@ -402,6 +431,7 @@ impl Storage for Store {
             .entry(hash)
             .or_default()
             .insert(id, fill.clone());
+        self.fills_by_id.lock().insert(id, fill.clone());
         Ok(Box::new(StoreMiss {
             store: self,
             key: hash,
@@ -701,6 +731,8 @@ impl HandleMiss for StoreMiss {
 
 impl Drop for StoreMiss {
     fn drop(&mut self) {
+        // Readers hold the fill itself; the id only served to find it.
+        self.store.fills_by_id.lock().remove(&self.id);
         if !self.finished {
             self.fill.state.send_replace(FillState::Failed);
             self.store.remove_fill(&self.key, self.id);

@@ -219,6 +219,8 @@ async fn a_304_freshens_the_stored_header_fields() {
                     .header("content-type", "text/x-new")
                     .header("x-frame-options", "SAMEORIGIN")
                     .header("x-extension", "new")
+                    .header("set-cookie", "session=mallory")
+                    .header("vary", "x-other")
             }
         });
         let first = client::get(addr, HOST, &path, &[]).await.expect("exchange");

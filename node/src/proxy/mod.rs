@@ -121,15 +121,19 @@ impl ProxyHttp for Proxy {
         if policy::declared_length_over(resp, self.config.cache.max_object_size) {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::ResponseTooLarge));
         }
-        let decided = policy::response_cacheability(session.req_header(), resp, SystemTime::now());
-        // After a 304, `resp` is pingora's partial merge: freshen it with every 304 field.
-        Ok(match (decided, ctx.progress.not_modified.as_deref()) {
-            (RespCacheable::Cacheable(mut meta), Some(fields)) => {
-                policy::freshen(&mut meta, fields);
-                RespCacheable::Cacheable(meta)
-            }
-            (decided, _) => decided,
-        })
+        // After a 304, `resp` is pingora's partial merge: freshen it with every 304 field
+        // first, so the decision sees what will be stored.
+        let freshened = ctx.progress.not_modified.as_deref().map(|fields| {
+            let mut header = resp.clone();
+            policy::freshen(&mut header, fields);
+            header
+        });
+        let resp = freshened.as_ref().unwrap_or(resp);
+        Ok(policy::response_cacheability(
+            session.req_header(),
+            resp,
+            SystemTime::now(),
+        ))
     }
 
     fn cache_vary_filter(
@@ -378,10 +382,10 @@ impl Proxy {
     }
 
     /// A non-error response to an unsafe method invalidates the target and its same-host
-    /// `Location`/`Content-Location` here and, from a lower, at each key's owning upper (the
-    /// upper that served the request invalidates its own copy the same way). The response
-    /// waits for the remote purges (each bounded by the tier's connect + probe timeouts), so
-    /// the client's next request cannot refill from a copy not yet invalidated.
+    /// `Location`/`Content-Location` at every upper member and then here (the upper that
+    /// served the request invalidates its own copy the same way). The response waits for the
+    /// purges of live members (concurrent, each bounded by the tier's connect + probe
+    /// timeouts), so no later request refills from a copy not yet invalidated.
     async fn invalidate_after_unsafe(&self, session: &Session, resp: &ResponseHeader, ctx: &Ctx) {
         let Some(r) = ctx.request.as_ref() else {
             return;
@@ -397,19 +401,31 @@ impl Proxy {
             &r.path_and_query,
             resp,
         );
-        let mut remote = Vec::new();
+        // Uppers first (every member: failover copies too), then here, so a request in
+        // between cannot refill this node from an upper's old copy. Down members are purged
+        // in the background: nobody routes to them, and the response does not wait for them.
+        if let (Some(tier), Some(shared)) = (self.lower_tier(), self.tier.clone()) {
+            let view = tier.view();
+            let mut up = Vec::new();
+            for path in &paths {
+                for member in 0..view.members().len() {
+                    if view.is_up(member) {
+                        up.push(tier.purge_member(member, &r.host, path));
+                    } else {
+                        let (tier, host, path) = (shared.clone(), r.host.clone(), path.clone());
+                        tokio::spawn(async move {
+                            let _ = tier.purge_member(member, &host, &path).await;
+                        });
+                    }
+                }
+            }
+            for outcome in futures::future::join_all(up).await {
+                tracing::debug!(%outcome, "invalidated at an upper");
+            }
+        }
         for path in &paths {
             self.store
                 .purge_primary(policy::cache_key(&r.host, path).primary_bin());
-            if let Some(tier) = self.lower_tier() {
-                let key = policy::primary_key(&r.host, path);
-                if let Some(owner) = tier.view().ring().owner(key.as_bytes()) {
-                    remote.push(tier.purge_member(owner, &r.host, path));
-                }
-            }
-        }
-        for outcome in futures::future::join_all(remote).await {
-            tracing::debug!(%outcome, "invalidated at the owning upper");
         }
     }
 

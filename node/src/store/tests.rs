@@ -442,3 +442,90 @@ fn a_purge_between_a_fills_start_and_its_first_chunk_mixes_nothing() {
         assert_eq!(read_all(&mut early_reader).await.expect("body"), "old body");
     });
 }
+
+#[test]
+fn revalidating_a_variant_does_not_free_a_variant_slot() {
+    let store = Store::leaked(1 << 24);
+    rt().block_on(async {
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let variant = |v: u16| {
+            let mut k = CacheKey::new("revalidated-url", "");
+            let mut hash = [0u8; 16];
+            hash[..2].copy_from_slice(&v.to_be_bytes());
+            k.set_variance_key(hash);
+            k
+        };
+        for v in 0..MAX_VARIANTS as u16 {
+            let mut miss = store
+                .get_miss_handler(&variant(v), &meta(Duration::from_secs(600)), &span)
+                .await
+                .expect("miss handler");
+            miss.write_body(Bytes::from_static(b"v"), true)
+                .await
+                .expect("write");
+            miss.finish().await.expect("finish");
+        }
+        for _ in 0..5 {
+            assert!(store
+                .update_meta(&variant(0), &meta(Duration::from_secs(600)), &span)
+                .await
+                .expect("update"));
+        }
+        let extra = variant(MAX_VARIANTS as u16);
+        let mut miss = store
+            .get_miss_handler(&extra, &meta(Duration::from_secs(600)), &span)
+            .await
+            .expect("miss handler");
+        miss.write_body(Bytes::from_static(b"v"), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        assert!(
+            store.lookup(&extra, &span).await.expect("lookup").is_none(),
+            "a 304 (update_meta) must not make room for another variant"
+        );
+        assert!(store.purge_primary(variant(0).primary_bin()));
+        for v in 0..MAX_VARIANTS as u16 {
+            assert!(store
+                .lookup(&variant(v), &span)
+                .await
+                .expect("lookup")
+                .is_none());
+        }
+    });
+}
+
+#[test]
+fn large_chunks_are_stored_without_a_copy_and_tiny_ones_joined() {
+    let store = Store::leaked(1 << 24);
+    rt().block_on(async {
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let big = Bytes::from(vec![7u8; 64 * 1024]);
+        let mut miss = store
+            .get_miss_handler(&key(11), &meta(Duration::from_secs(600)), &span)
+            .await
+            .expect("miss handler");
+        miss.write_body(big.clone(), false).await.expect("write");
+        for _ in 0..100 {
+            miss.write_body(Bytes::from_static(b"x"), false)
+                .await
+                .expect("write");
+        }
+        miss.write_body(Bytes::new(), true).await.expect("write");
+        miss.finish().await.expect("finish");
+        let (_, mut hit) = store
+            .lookup(&key(11), &span)
+            .await
+            .expect("lookup")
+            .expect("stored");
+        let first = hit.read_body().await.expect("read").expect("a piece");
+        assert_eq!(
+            first.as_ptr(),
+            big.as_ptr(),
+            "the large chunk is shared, not copied"
+        );
+        let second = hit.read_body().await.expect("read").expect("a piece");
+        assert_eq!(second.len(), 100, "100 one-byte chunks are one piece");
+        assert!(hit.read_body().await.expect("read").is_none());
+    });
+}
