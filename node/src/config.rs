@@ -567,10 +567,10 @@ impl Config {
         if let Some(t) = tier.as_mut() {
             nest_tier_timeouts(t, &origins, &mut problems);
         }
-        if cache.max_object_size > cache.capacity {
+        if cache.max_object_size > cache.capacity / 4 {
             problems.push(Problem {
                 key: "cache.max_object_size".into(),
-                message: "must not exceed cache.capacity".into(),
+                message: "must not exceed a quarter of cache.capacity (the share fills in progress may hold)".into(),
             });
         }
 
@@ -736,7 +736,8 @@ fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfi
 fn read_cache(t: Option<&Table>, problems: &mut Vec<Problem>) -> CacheConfig {
     let mut s = Section::new("cache", t, problems);
     let capacity = s.size("capacity", DEFAULT_CAPACITY);
-    let mut max_object_size = s.size("max_object_size", DEFAULT_MAX_OBJECT);
+    // Unset, it defaults to 32 MiB or the quarter of capacity fills may hold, if smaller.
+    let mut max_object_size = s.size("max_object_size", DEFAULT_MAX_OBJECT.min(capacity / 4));
     if max_object_size > u64::from(u32::MAX) / 2 {
         s.problem("max_object_size", "must be at most 2GiB");
         max_object_size = DEFAULT_MAX_OBJECT;

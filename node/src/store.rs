@@ -5,7 +5,9 @@
 //! as a clean end of body (pingora issue #932). This store fixes those four things:
 //!
 //! - **Bounded.** Finished objects live in a moka cache whose weigher counts body and metadata
-//!   bytes, so `capacity` bounds memory. Each entry expires when no one can use it any more:
+//!   bytes; fills in progress are counted too. `capacity` bounds both: three quarters for
+//!   finished objects, a quarter for fills in progress — a fill that would exceed that share
+//!   streams through to its own request instead of being stored. Each entry expires when no one can use it any more:
 //!   after its freshness *plus* its stale-while-revalidate / stale-if-error windows, because
 //!   pingora decides staleness itself and needs the stale body to revalidate or to serve on error.
 //! - **Zero-copy hits.** Bodies are [`Bytes`]; a hit or a range slices them.
@@ -160,7 +162,8 @@ struct Fill {
 pub struct StoreUsage {
     /// Number of finished objects (all variants).
     pub objects: u64,
-    /// Weighted bytes of finished objects, as counted against `capacity`.
+    /// Weighted bytes of finished objects plus bytes of fills in progress, as counted against
+    /// `capacity`.
     pub bytes: u64,
 }
 
@@ -175,6 +178,9 @@ pub struct Store {
     capacity: u64,
     /// Largest body stored; a fill growing past it is streamed through, not stored.
     max_object: usize,
+    /// Bytes held by fills in progress that may still be stored, and their share of capacity.
+    filling: AtomicU64,
+    fill_budget: u64,
     /// The stored keys (variants) of each URL (primary key): added on insert, removed by
     /// moka's eviction listener (expiry, eviction, purge; a replacement keeps its key). It
     /// bounds variants per URL and lets a purge remove exactly a URL's keys.
@@ -243,10 +249,11 @@ fn storage_error(context: &'static str, detail: String) -> Box<Error> {
 impl Store {
     /// A store that keeps at most `capacity` weighted bytes of finished objects.
     pub fn new(capacity: u64) -> Self {
+        let fill_budget = capacity / 4;
         let variants: Arc<Mutex<HashMap<HashBinary, HashSet<HashBinary>>>> = Arc::default();
         let index = variants.clone();
         let done = moka::sync::Cache::builder()
-            .max_capacity(capacity)
+            .max_capacity(capacity - fill_budget)
             .weigher(|_k: &HashBinary, v: &Stored| v.weight())
             .eviction_listener(move |k: Arc<HashBinary>, v: Stored, cause| {
                 if cause == moka::notification::RemovalCause::Replaced {
@@ -269,6 +276,8 @@ impl Store {
             next_fill_id: AtomicU64::new(1),
             capacity,
             max_object: usize::try_from(capacity).unwrap_or(usize::MAX),
+            filling: AtomicU64::new(0),
+            fill_budget,
             variants,
         }
     }
@@ -299,7 +308,7 @@ impl Store {
         self.done.run_pending_tasks();
         StoreUsage {
             objects: self.done.entry_count(),
-            bytes: self.done.weighted_size(),
+            bytes: self.done.weighted_size() + self.filling.load(Ordering::Relaxed),
         }
     }
 
@@ -443,6 +452,7 @@ impl Storage for Store {
             bytes: 0,
             finished: false,
             max_object: self.max_object,
+            charged: 0,
         }))
     }
 
@@ -666,15 +676,47 @@ struct StoreMiss {
     bytes: usize,
     finished: bool,
     max_object: usize,
+    /// Bytes this fill holds against the fills' share of capacity.
+    charged: u64,
+}
+
+impl StoreMiss {
+    fn release_charge(&mut self) {
+        let charged = std::mem::take(&mut self.charged);
+        let _ = self
+            .store
+            .filling
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held.saturating_sub(charged))
+            });
+    }
 }
 
 #[async_trait]
 impl HandleMiss for StoreMiss {
     async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
-        if self.bytes + data.len() > self.max_object && !self.fill.private.load(Ordering::Acquire) {
-            // Too large to store: stream it through to the request that fetches it only.
-            self.fill.private.store(true, Ordering::Release);
-            self.store.remove_fill(&self.key, self.id);
+        if !self.fill.private.load(Ordering::Acquire) {
+            let len = data.len() as u64;
+            let too_large = self.bytes + data.len() > self.max_object;
+            // Reserve this chunk within the fills' share of capacity, or give up storing.
+            let reserved = !too_large
+                && self
+                    .store
+                    .filling
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                        (held + len <= self.store.fill_budget).then_some(held + len)
+                    })
+                    .is_ok();
+            if reserved {
+                self.charged += len;
+            } else {
+                // Too large, or too much in flight: stream it through to its own request only.
+                // The object it would have replaced is superseded all the same.
+                self.fill.private.store(true, Ordering::Release);
+                self.store.remove_fill(&self.key, self.id);
+                self.store.done.invalidate(&self.key);
+                self.release_charge();
+            }
         }
         let n = {
             let mut chunks = self.fill.chunks.write();
@@ -731,6 +773,8 @@ impl HandleMiss for StoreMiss {
 
 impl Drop for StoreMiss {
     fn drop(&mut self) {
+        // Committed or abandoned, the fill no longer holds in-flight bytes.
+        self.release_charge();
         // Readers hold the fill itself; the id only served to find it.
         self.store.fills_by_id.lock().remove(&self.id);
         if !self.finished {

@@ -176,3 +176,19 @@ fn tier_timeouts_nest_around_the_origins() {
     .expect("valid");
     assert_eq!(c.tier.expect("tier").read_timeout, Duration::from_secs(35));
 }
+
+#[test]
+fn max_object_size_fits_the_share_fills_may_hold() {
+    let small = GOOD
+        .replace("max_object_size = \"1MiB\"\n", "")
+        .replace("64MiB", "8MiB");
+    let c = Config::parse(&small, Path::new(".")).expect("valid");
+    assert_eq!(
+        c.cache.max_object_size,
+        2 << 20,
+        "defaults to a quarter of capacity"
+    );
+    let big = GOOD.replace("max_object_size = \"1MiB\"", "max_object_size = \"32MiB\"");
+    let problems = Config::parse(&big, Path::new(".")).expect_err("too large");
+    assert_eq!(keys(&problems), vec!["cache.max_object_size"]);
+}

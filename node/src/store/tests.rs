@@ -529,3 +529,49 @@ fn large_chunks_are_stored_without_a_copy_and_tiny_ones_joined() {
         assert!(hit.read_body().await.expect("read").is_none());
     });
 }
+
+#[test]
+fn concurrent_fills_count_against_capacity() {
+    // 1 MiB of capacity, objects up to 512 KiB, twenty fills of 192 KiB in progress at once:
+    // uncounted, they would hold 3.75 MiB (the figure before this rule); counted, the store's
+    // bytes never exceed capacity and the fills past the in-flight share stream through.
+    let capacity = 1 << 20;
+    let store = Store::new(capacity).with_max_object_size(512 << 10).leak();
+    rt().block_on(async {
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let mut fills = Vec::new();
+        for k in 0..20u8 {
+            let mut miss = store
+                .get_miss_handler(&key(100 + k), &meta(Duration::from_secs(600)), &span)
+                .await
+                .expect("miss handler");
+            for _ in 0..12 {
+                miss.write_body(Bytes::from(vec![k; 16 << 10]), false)
+                    .await
+                    .expect("write");
+                let usage = store.usage();
+                assert!(
+                    usage.bytes <= capacity,
+                    "{} bytes held with fills in progress, capacity {capacity}",
+                    usage.bytes
+                );
+            }
+            fills.push(miss);
+        }
+        let mut stored = 0;
+        for (k, miss) in fills.into_iter().enumerate() {
+            miss.finish().await.expect("finish");
+            if store
+                .lookup(&key(100 + k as u8), &span)
+                .await
+                .expect("lookup")
+                .is_some()
+            {
+                stored += 1;
+            }
+        }
+        assert!(stored >= 1, "fills within the in-flight share are stored");
+        assert!(stored < 20, "fills past the in-flight share stream through");
+        assert!(store.usage().bytes <= capacity);
+    });
+}
