@@ -23,6 +23,8 @@ pub struct CacheOutcome {
     pub ttl: Option<i64>,
     /// Status the upstream answered, when this node forwarded.
     pub fwd_status: Option<u16>,
+    /// A miss for a new variant of a URL that has others stored (`Vary`).
+    pub vary_miss: bool,
 }
 
 /// The entry for a proxied or cached response.
@@ -37,6 +39,7 @@ pub fn entry(node: &str, o: &CacheOutcome) -> String {
         CachePhase::Hit => s.push_str("; hit"),
         CachePhase::StaleUpdating => s.push_str("; hit"),
         CachePhase::Stale => s.push_str("; fwd=stale"),
+        CachePhase::Miss if o.vary_miss => s.push_str("; fwd=vary-miss"),
         CachePhase::Miss => s.push_str("; fwd=uri-miss"),
         CachePhase::Expired | CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => {
             s.push_str("; fwd=stale")
@@ -133,6 +136,7 @@ mod tests {
             collapsed: false,
             ttl: Some(297),
             fwd_status: Some(200),
+            vary_miss: false,
         }
     }
 
@@ -142,6 +146,12 @@ mod tests {
         assert_eq!(
             entry("edge-2", &o(CachePhase::Miss)),
             "edge-2; fwd=uri-miss; fwd-status=200; ttl=297; stored"
+        );
+        let mut variant = o(CachePhase::Miss);
+        variant.vary_miss = true;
+        assert_eq!(
+            entry("e", &variant),
+            "e; fwd=vary-miss; fwd-status=200; ttl=297; stored"
         );
         let mut collapsed = o(CachePhase::Hit);
         collapsed.collapsed = true;

@@ -337,6 +337,15 @@ impl Store {
         Ok((meta, Box::new(reader)))
     }
 
+    /// Whether the URL `primary` has a stored variant other than `key`: a miss for `key` is
+    /// then a `Vary` miss.
+    pub fn has_variant_other_than(&self, primary: &HashBinary, key: &HashBinary) -> bool {
+        self.variants
+            .lock()
+            .get(primary)
+            .is_some_and(|keys| keys.iter().any(|k| k != key))
+    }
+
     /// Whether an object under `key` may be stored: a replacement always, a new variant only
     /// while its URL has fewer than [`MAX_VARIANTS`]. Counts it when admitted.
     fn admit_variant(&self, key: &HashBinary, primary: &HashBinary) -> bool {

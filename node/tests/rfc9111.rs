@@ -454,3 +454,41 @@ async fn an_expires_at_or_before_date_or_invalid_is_already_stale() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_variant_is_a_vary_miss() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        let path = format!("/{name}/varied");
+        origin.route(&path, |req, _| {
+            let lang = req.header("accept-language").unwrap_or("none").to_string();
+            Reply::ok(lang)
+                .header("cache-control", "max-age=600")
+                .header("vary", "Accept-Language")
+        });
+        let ours = |cs: String| cs.rsplit(',').next().unwrap_or("").trim().to_string();
+        let en = [("accept-language", "en")];
+        let fr = [("accept-language", "fr")];
+        let first = client::get(addr, HOST, &path, &en).await.expect("exchange");
+        assert!(
+            ours(first.cache_status()).contains("fwd=uri-miss"),
+            "{name}: {}",
+            first.cache_status()
+        );
+        let other = client::get(addr, HOST, &path, &fr).await.expect("exchange");
+        assert_eq!(other.text(), "fr");
+        assert!(
+            ours(other.cache_status()).contains("fwd=vary-miss"),
+            "{name}: {}",
+            other.cache_status()
+        );
+        let again = client::get(addr, HOST, &path, &en).await.expect("exchange");
+        assert_eq!(again.text(), "en");
+        assert!(
+            ours(again.cache_status()).contains("; hit"),
+            "{name}: {}",
+            again.cache_status()
+        );
+    }
+}

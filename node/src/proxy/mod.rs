@@ -491,6 +491,11 @@ impl Proxy {
             collapsed: session.cache.lock_duration().is_some(),
             ttl,
             fwd_status: ctx.progress.upstream_status,
+            vary_miss: matches!(session.cache.phase(), CachePhase::Miss) && {
+                let key = session.cache.cache_key();
+                self.store
+                    .has_variant_other_than(&key.primary_bin(), &key.combined_bin())
+            },
         }
     }
 }
