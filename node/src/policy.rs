@@ -107,9 +107,7 @@ pub fn response_cacheability(
             // every hit from the meta's epoch, which now includes it.
             meta.response_header_mut().remove_header(&header::AGE);
             // Connection-scoped fields of the fill's connection must not be replayed on hits.
-            for name in hop_by_hop_fields(&resp.headers) {
-                meta.response_header_mut().remove_header(&name);
-            }
+            remove_hop_by_hop(meta.response_header_mut(), &[]);
             RespCacheable::Cacheable(meta)
         }
         uncacheable => uncacheable,
@@ -152,45 +150,46 @@ fn restore_header(mut meta: CacheMeta, resp: &ResponseHeader) -> CacheMeta {
     meta
 }
 
-/// Hop-by-hop fields of a message (RFC 9110 §7.6.1): the ones every proxy treats so, and the
-/// ones its `Connection` field names. They describe one connection: never stored, and (but for
-/// the framing and upgrade fields pingora manages itself) never forwarded.
-pub fn hop_by_hop_fields(headers: &http::HeaderMap) -> Vec<String> {
-    const ALWAYS: [&str; 6] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    let named = headers
+/// Hop-by-hop fields every proxy treats so (RFC 9110 §7.6.1); the fields a message's
+/// `Connection` names are hop-by-hop too. They describe one connection: never stored, and (but
+/// for the framing and upgrade fields pingora manages itself) never forwarded.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The further fields `Connection` names, lowercased (no allocation when it names none).
+fn connection_named(headers: &http::HeaderMap) -> Vec<String> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("close"));
-    let mut fields: Vec<String> = ALWAYS.iter().map(|s| s.to_string()).chain(named).collect();
-    fields.sort();
-    fields.dedup();
-    fields
+        .filter(|n| !n.is_empty() && n != "close" && !HOP_BY_HOP.contains(&n.as_str()))
+        .collect()
+}
+
+/// Removes the hop-by-hop fields of `header`, but those in `keep`.
+fn remove_hop_by_hop(header: &mut ResponseHeader, keep: &[&str]) {
+    let named = connection_named(&header.headers);
+    let fields = HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str));
+    for name in fields.filter(|n| !keep.contains(n)) {
+        header.remove_header(name);
+    }
 }
 
 /// The hop-by-hop fields a proxy removes before passing a response on: all of them except
 /// those pingora itself manages on each connection (`Connection`, framing, `Upgrade`).
 pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
-    const MANAGED: [&str; 4] = [
-        "connection",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    ];
-    for name in hop_by_hop_fields(&resp.headers) {
-        if !MANAGED.contains(&name.as_str()) {
-            resp.remove_header(&name);
-        }
-    }
+    remove_hop_by_hop(resp, &["connection", "transfer-encoding", "upgrade"]);
 }
 
 /// The fields of a 304 that replace the stored response's (RFC 9111 §4.3.4): every field but
@@ -209,12 +208,15 @@ pub fn freshening_fields(
         "set-cookie",
         "set-cookie2",
     ];
-    let hop = hop_by_hop_fields(&not_modified.headers);
+    let named = connection_named(&not_modified.headers);
     not_modified
         .headers
         .iter()
         .filter(|(name, _)| {
-            !KEEP_STORED.contains(&name.as_str()) && !hop.iter().any(|h| h == name.as_str())
+            let name = name.as_str();
+            !KEEP_STORED.contains(&name)
+                && !HOP_BY_HOP.contains(&name)
+                && !named.iter().any(|n| n == name)
         })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect()

@@ -12,7 +12,9 @@ use rand::{Rng, SeedableRng};
 use stratus_chaos::{
     client, eventually, Fleet, FleetSpec, NodeProcess, OriginEntry, Reply, TestOrigin, TEST_SECRET,
 };
-use stratus_tiering::{FleetSecret, RequestIdentity, RequestLine};
+#[path = "support/mod.rs"]
+mod support;
+use support::signed_context;
 
 const HOST: &str = "example.test";
 
@@ -231,20 +233,6 @@ async fn killing_an_upper_mid_run_fails_no_request() {
     drop(back);
 }
 
-fn ctx_for(path: &str, secret: &str, issued: SystemTime, id: &str) -> String {
-    let key =
-        pingora_cache::key::CacheHashKey::primary(&stratus_node::policy::cache_key(HOST, path));
-    RequestIdentity::new(HOST, key, id, "edge-evil")
-        .issue("up-1", rand::random(), issued)
-        .encode(
-            &FleetSecret::new(secret.as_bytes().to_vec()),
-            RequestLine {
-                method: "GET",
-                target: path,
-            },
-        )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_or_replayed_contexts_never_reach_an_origin() {
     let (origin, fleet) = start_fleet(1, 1, "").await;
@@ -268,18 +256,33 @@ async fn forged_or_replayed_contexts_never_reach_an_origin() {
             "wrong secret",
             vec![(
                 "stratus-ctx",
-                ctx_for("/secret", "another-secret-0123456789abcdefghij", now, "a1"),
+                signed_context(
+                    HOST,
+                    "/secret",
+                    "up-1",
+                    "another-secret-0123456789abcdefghij",
+                    now,
+                ),
             )],
         ),
         (
             "other path",
-            vec![("stratus-ctx", ctx_for("/fresh", TEST_SECRET, now, "a2"))],
+            vec![(
+                "stratus-ctx",
+                signed_context(HOST, "/fresh", "up-1", TEST_SECRET, now),
+            )],
         ),
         (
             "expired",
             vec![(
                 "stratus-ctx",
-                ctx_for("/secret", TEST_SECRET, now - Duration::from_secs(60), "a3"),
+                signed_context(
+                    HOST,
+                    "/secret",
+                    "up-1",
+                    TEST_SECRET,
+                    now - Duration::from_secs(60),
+                ),
             )],
         ),
         ("oversized", vec![("stratus-ctx", "A".repeat(5000))]),
@@ -302,7 +305,7 @@ async fn forged_or_replayed_contexts_never_reach_an_origin() {
         "no refused context reached the origin"
     );
     // A valid context is served once; the same context again is a replay.
-    let valid = ctx_for("/fresh", TEST_SECRET, SystemTime::now(), "b1");
+    let valid = signed_context(HOST, "/fresh", "up-1", TEST_SECRET, SystemTime::now());
     let first = client::get(upper, HOST, "/fresh", &[("stratus-ctx", &valid)])
         .await
         .expect("exchange");

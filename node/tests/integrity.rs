@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use stratus_chaos::{
     client, eventually, Fleet, FleetOptions, FleetSpec, OriginEntry, Reply, TestOrigin, TEST_SECRET,
 };
-use stratus_tiering::{FleetSecret, RequestIdentity, RequestLine};
+#[path = "support/mod.rs"]
+mod support;
+use support::signed_context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "example.test";
@@ -93,25 +95,6 @@ async fn innocents(fleet: &Fleet, origin: &TestOrigin, tag: &str, n: usize) {
         assert_eq!(r.status, 200, "innocent {path}: {}", r.cache_status());
         assert!(r.complete && r.text() == format!("body of {path}"));
     }
-}
-
-fn context_for(path: &str, recipient: &str, issued: SystemTime) -> String {
-    let key =
-        pingora_cache::key::CacheHashKey::primary(&stratus_node::policy::cache_key(HOST, path));
-    RequestIdentity::new(
-        HOST,
-        key,
-        format!("{:032x}", rand::random::<u128>()),
-        "edge-x",
-    )
-    .issue(recipient, rand::random(), issued)
-    .encode(
-        &FleetSecret::new(TEST_SECRET.as_bytes().to_vec()),
-        RequestLine {
-            method: "GET",
-            target: path,
-        },
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -436,7 +419,7 @@ async fn stale_while_revalidate_refreshes_through_both_tiers() {
 async fn a_context_is_accepted_once_by_its_recipient_only() {
     let (origin, mut fleet) = fleet(1, 2, "").await;
     cacheable(&origin, "/ctx");
-    let ctx = context_for("/ctx", "up-1", SystemTime::now());
+    let ctx = signed_context(HOST, "/ctx", "up-1", TEST_SECRET, SystemTime::now());
     let (up1, up2) = (fleet.uppers[0].listen, fleet.uppers[1].listen);
     let first = client::get(up1, HOST, "/ctx", &[("stratus-ctx", &ctx)])
         .await

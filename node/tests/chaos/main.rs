@@ -11,6 +11,8 @@
 
 mod common;
 mod faults;
+#[path = "../support/mod.rs"]
+mod support;
 mod tiers;
 
 use std::future::Future;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use stratus_chaos::{
     client, eventually, load, Fault, Fleet, Reply, Summary, TestOrigin, TEST_SECRET,
 };
-use stratus_tiering::{FleetSecret, Member, RequestIdentity, RequestLine, Ring};
+use stratus_tiering::{Member, Ring};
 use tokio::task::JoinSet;
 
 use super::common::{check, end_checks, fetches, keys, Run, Shape, HOST};
@@ -743,26 +743,6 @@ pub async fn reload_broken_config(run: Run) -> Summary {
     )
 }
 
-/// A context as a leaked one would look: valid, for `path`, addressed to `recipient`.
-fn leaked_context(path: &str, recipient: &str) -> String {
-    let key =
-        pingora_cache::key::CacheHashKey::primary(&stratus_node::policy::cache_key(HOST, path));
-    RequestIdentity::new(
-        HOST,
-        key,
-        format!("{:032x}", rand::random::<u128>()),
-        "edge-1",
-    )
-    .issue(recipient, rand::random(), SystemTime::now())
-    .encode(
-        &FleetSecret::new(TEST_SECRET.as_bytes().to_vec()),
-        RequestLine {
-            method: "GET",
-            target: path,
-        },
-    )
-}
-
 /// Scenario 12: Hostile clients against the control state, beside innocent load: loop headers, a
 /// leaked context replayed to another upper, `Host` with a port, unclassifiable targets, and
 /// fetches that outwait the coalescing lock past a context's age. No member is marked down,
@@ -796,7 +776,16 @@ pub async fn hostile_clients(run: Run) -> Summary {
             fleet.uppers[1].listen,
             HOST,
             "/innocent/0",
-            &[("stratus-ctx", &leaked_context("/innocent/0", "up-1"))],
+            &[(
+                "stratus-ctx",
+                &super::support::signed_context(
+                    HOST,
+                    "/innocent/0",
+                    "up-1",
+                    TEST_SECRET,
+                    SystemTime::now(),
+                ),
+            )],
         )
         .await;
         hostile.push(("replay to another upper", r.map(|r| r.status).ok()));
