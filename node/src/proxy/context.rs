@@ -70,6 +70,11 @@ pub struct Progress {
     pub not_modified: Option<Vec<(http::HeaderName, http::HeaderValue)>>,
     /// The last upstream failure and its verdict: what a generated error says and marks.
     pub failure: Option<(Failure, Verdict)>,
+    /// The last attempt's pooled connection had gone stale: send to the same member again,
+    /// once, on a fresh connection.
+    pub resend_same: bool,
+    /// Attempts that were such resends (they try no new member).
+    pub resends: usize,
 }
 
 impl Progress {
@@ -79,6 +84,11 @@ impl Progress {
             .iter()
             .filter(|a| matches!(a.hop, Hop::Upper(..)))
             .count()
+    }
+
+    /// How many distinct upper members were tried so far: the position on the route.
+    pub fn members_tried(&self) -> usize {
+        self.upper_attempts() - self.resends
     }
 
     /// How many attempts went to the origin so far.

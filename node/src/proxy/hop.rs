@@ -15,7 +15,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use stratus_tiering::{
-    decide, route, Blame, Failure, HopKind, Outcome, RequestLine, Stage, Symptom, Verdict,
+    decide, route, Blame, Failure, HopKind, Outcome, Party, RequestLine, Stage, Symptom, Verdict,
 };
 use stratus_tracing::UpstreamKind;
 
@@ -45,7 +45,7 @@ impl Proxy {
         let route_left = p
             .route
             .as_ref()
-            .is_some_and(|r| r.hops.len() > p.upper_attempts());
+            .is_some_and(|r| r.hops.len() > p.members_tried());
         route_left
             || (tier.settings.on_all_upper_down == AllUpperDown::Origin && p.origin_attempts() == 0)
     }
@@ -60,7 +60,21 @@ impl Proxy {
         ctx.progress.upstream_status = None;
         ctx.progress.marked = None;
         if let Some(tier) = self.lower_tier() {
-            let tried = ctx.progress.upper_attempts();
+            if let (true, Some(Hop::Upper(id, addr))) = (
+                std::mem::take(&mut ctx.progress.resend_same),
+                ctx.progress.current_hop(),
+            ) {
+                ctx.progress.resends += 1;
+                let context = r.identity.as_ref().and_then(|i| tier.issue(i, id));
+                let hop = Hop::Upper(id, addr);
+                ctx.progress.attempts.push(Attempt {
+                    hop,
+                    started: Instant::now(),
+                    context,
+                });
+                return Ok(hop);
+            }
+            let tried = ctx.progress.members_tried();
             let route = ctx.progress.route.get_or_insert_with(|| {
                 route(r.primary_key.as_bytes(), &tier.view(), MAX_UPPER_ATTEMPTS)
             });
@@ -246,6 +260,8 @@ impl Proxy {
         };
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated();
+        // A stale pooled connection to a member may be replaced once by a fresh one to it.
+        let resend_possible = stale_pooled && hop == HopKind::Upper && ctx.progress.resends == 0;
         let failure = Failure {
             hop,
             stage,
@@ -253,9 +269,10 @@ impl Proxy {
             headers_sent: session.response_written().is_some(),
             reused_connection: stale_pooled,
             replayable,
-            hops_left: self.has_next_hop(ctx),
+            hops_left: resend_possible || self.has_next_hop(ctx),
         };
         let verdict = decide(&failure);
+        ctx.progress.resend_same = resend_possible && verdict.retry && verdict.blame == Party::Node;
         ctx.progress.failure = Some((failure, verdict));
         if let Some(outcome) = verdict.health {
             self.report(ctx, outcome);

@@ -80,10 +80,10 @@ impl Proxy {
         if let Some(mark) = self.mark(session, ctx, g) {
             extra.push((GENERATED_HEADER, mark));
         }
-        if g.status() == 400 || g.status() == 431 {
-            // The framing of what follows on this connection cannot be trusted.
-            session.set_keepalive(None);
-        }
+        // A generated error ends the connection, and says so (`Connection: close`): after a
+        // 400/431 the framing of what follows cannot be trusted, and a lower must not pool a
+        // connection the upper is about to close.
+        session.set_keepalive(None);
         let body = Bytes::from(g.body());
         write_local(
             session,
