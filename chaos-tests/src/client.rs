@@ -34,14 +34,18 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Every value of a header joined by ", ".
-    pub fn header_all(&self, name: &str) -> String {
+    /// Every line of a header, in order (`Set-Cookie` lines cannot be joined).
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
         self.headers
             .iter()
             .filter(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+            .collect()
+    }
+
+    /// Every value of a header joined by ", ".
+    pub fn header_all(&self, name: &str) -> String {
+        self.headers_named(name).join(", ")
     }
 
     /// `Cache-Status`, or an empty string.

@@ -1,8 +1,8 @@
 //! This node's `Cache-Status` entry (RFC 9211), built from what the cache did.
 //!
 //! Entries from caches nearer the origin come first; ours is appended last. The vocabulary is
-//! the RFC's: `hit`, `fwd` (`bypass`, `method`, `uri-miss`, `stale`, …), `fwd-status`, `ttl`,
-//! `stored`, `collapsed`, `detail`.
+//! the RFC's: `hit`, `fwd` (`bypass`, `method`, `uri-miss`, `vary-miss`, `stale`, …),
+//! `fwd-status`, `ttl`, `stored`, `collapsed`, `key`, `detail`.
 
 use std::fmt::Write;
 
@@ -12,7 +12,7 @@ use crate::errors::Generated;
 
 /// What the cache did for one response, gathered by the proxy when the response leaves.
 #[derive(Debug, Clone, Copy)]
-pub struct CacheOutcome {
+pub struct CacheOutcome<'a> {
     /// pingora's cache phase at response time.
     pub phase: CachePhase,
     /// Whether the request method could use the cache at all.
@@ -25,6 +25,9 @@ pub struct CacheOutcome {
     pub fwd_status: Option<u16>,
     /// A miss for a new variant of a URL that has others stored (`Vary`).
     pub vary_miss: bool,
+    /// The cache key's primary string, when the request used the cache: what one key stands
+    /// for, so an operator can tell which requests share an object.
+    pub key: Option<&'a str>,
 }
 
 /// The entry for a proxied or cached response.
@@ -69,6 +72,10 @@ pub fn entry(node: &str, o: &CacheOutcome) -> String {
     if stored {
         s.push_str("; stored");
     }
+    if let Some(key) = o.key {
+        s.push_str("; key=");
+        push_sf_string(&mut s, key);
+    }
     match o.phase {
         CachePhase::StaleUpdating => s.push_str("; detail=stale-while-revalidate"),
         CachePhase::Stale => s.push_str("; detail=stale-if-error"),
@@ -80,6 +87,22 @@ pub fn entry(node: &str, o: &CacheOutcome) -> String {
         _ => {}
     }
     s
+}
+
+/// Appends `value` as a structured-field string (RFC 8941 §3.3.3) that never needs escaping
+/// and never confuses a naive reader of the field: `"`, `\\`, `%`, the `,` and `;` that
+/// separate entries and parameters, and any byte a string may not hold are percent-encoded.
+fn push_sf_string(s: &mut String, value: &str) {
+    s.push('"');
+    for b in value.bytes() {
+        match b {
+            0x21..=0x7e if !matches!(b, b'"' | b'\\' | b'%' | b',' | b';') => s.push(char::from(b)),
+            _ => {
+                let _ = write!(s, "%{b:02X}");
+            }
+        }
+    }
+    s.push('"');
 }
 
 /// Whether the response body came from this node's cache (so upstream entries stored with the
@@ -118,10 +141,10 @@ pub fn generated(node: &str, g: Generated) -> String {
 }
 
 /// Joins upstream entries (nearest the origin first) with ours, as one field value.
-pub fn append(existing: Option<&str>, ours: String) -> String {
+pub fn append(existing: Option<&str>, ours: &str) -> String {
     match existing.map(str::trim).filter(|e| !e.is_empty()) {
         Some(e) => format!("{e}, {ours}"),
-        None => ours,
+        None => ours.to_string(),
     }
 }
 
@@ -129,7 +152,7 @@ pub fn append(existing: Option<&str>, ours: String) -> String {
 mod tests {
     use super::*;
 
-    fn o(phase: CachePhase) -> CacheOutcome {
+    fn o(phase: CachePhase) -> CacheOutcome<'static> {
         CacheOutcome {
             phase,
             method_cacheable: true,
@@ -137,6 +160,7 @@ mod tests {
             ttl: Some(297),
             fwd_status: Some(200),
             vary_miss: false,
+            key: None,
         }
     }
 
@@ -152,6 +176,12 @@ mod tests {
         assert_eq!(
             entry("e", &variant),
             "e; fwd=vary-miss; fwd-status=200; ttl=297; stored"
+        );
+        let mut keyed = o(CachePhase::Hit);
+        keyed.key = Some("12:example.test/a\"b\\c\u{e9};d,e%f g");
+        assert_eq!(
+            entry("e", &keyed),
+            r#"e; hit; ttl=297; key="12:example.test/a%22b%5Cc%C3%A9%3Bd%2Ce%25f%20g""#
         );
         let mut collapsed = o(CachePhase::Hit);
         collapsed.collapsed = true;
@@ -173,10 +203,7 @@ mod tests {
             generated("e", Generated::UnknownHost),
             "e; fwd=request; detail=unknown-host"
         );
-        assert_eq!(
-            append(Some("up-1; hit"), "e; hit".into()),
-            "up-1; hit, e; hit"
-        );
-        assert_eq!(append(None, "e; hit".into()), "e; hit");
+        assert_eq!(append(Some("up-1; hit"), "e; hit"), "up-1; hit, e; hit");
+        assert_eq!(append(None, "e; hit"), "e; hit");
     }
 }

@@ -71,6 +71,21 @@ pub struct CacheConfig {
     pub lock_age_timeout: Duration,
     /// How long a request waits, in total, on another request's fill before going upstream.
     pub lock_wait_timeout: Duration,
+    /// What a response that sets cookies does to the cache.
+    pub set_cookie: SetCookie,
+}
+
+/// `[cache] set_cookie`: responses carrying `Set-Cookie` (or `Set-Cookie2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SetCookie {
+    /// Not stored at all (nginx's and Varnish's default): a cookie is never handed to another
+    /// client from cache.
+    #[default]
+    Bypass,
+    /// Stored without its cookies: the request that filled the cache gets them, every later
+    /// hit gets the response without them (Varnish's `unset beresp.http.Set-Cookie`, but the
+    /// client that caused the cookie still receives it).
+    Strip,
 }
 
 /// One `[tier].upper` member.
@@ -744,12 +759,21 @@ fn read_cache(t: Option<&Table>, problems: &mut Vec<Problem>) -> CacheConfig {
     }
     let lock_age_timeout = s.duration("lock_age_timeout", DEFAULT_LOCK_AGE);
     let lock_wait_timeout = s.duration("lock_wait_timeout", DEFAULT_LOCK_WAIT);
+    let set_cookie = match s.string("set_cookie").as_deref() {
+        None | Some("bypass") => SetCookie::Bypass,
+        Some("strip") => SetCookie::Strip,
+        Some(_) => {
+            s.problem("set_cookie", "must be \"bypass\" or \"strip\"");
+            SetCookie::Bypass
+        }
+    };
     s.finish();
     CacheConfig {
         capacity,
         max_object_size,
         lock_age_timeout,
         lock_wait_timeout,
+        set_cookie,
     }
 }
 

@@ -15,6 +15,8 @@ use pingora_cache::VarianceBuilder;
 use pingora_cache::{CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use crate::config::SetCookie;
+
 /// No heuristic freshness: a response without explicit freshness (`max-age`, `s-maxage`,
 /// `Expires`) is not stored. Stale windows come only from the response's own directives.
 const DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
@@ -53,7 +55,8 @@ pub fn declared_length_over(resp: &ResponseHeader, max: u64) -> bool {
 ///
 /// Beyond pingora's `resp_cacheable` (no-store, private, Authorization rules, max-age,
 /// s-maxage, Expires, stale-* windows) this refuses `Vary: *`, partial content, responses that
-/// set cookies (never handed to another client from cache, as nginx and Varnish do), and
+/// set cookies (never handed to another client from cache, as nginx and Varnish do; with
+/// [`SetCookie::Strip`] stored without them instead), and
 /// `must-understand` responses whose status code stratus does not implement (RFC 9111
 /// §5.2.2.3); and it subtracts the `Age` an upstream cache already spent from the freshness we
 /// store (§5.1: the first value counts; one that is not a non-negative integer makes the
@@ -62,6 +65,7 @@ pub fn response_cacheability(
     req: &RequestHeader,
     resp: &ResponseHeader,
     now: SystemTime,
+    set_cookie: SetCookie,
 ) -> RespCacheable {
     if resp.status == http::StatusCode::PARTIAL_CONTENT {
         return RespCacheable::Uncacheable(NoCacheReason::Custom("partial-content"));
@@ -70,7 +74,7 @@ pub fn response_cacheability(
         return RespCacheable::Uncacheable(NoCacheReason::Custom("vary-star"));
     }
     let (cc, governing) = governing_cache_control(resp);
-    if resp.headers.contains_key(header::SET_COOKIE) {
+    if sets_cookie(resp) && set_cookie == SetCookie::Bypass {
         return RespCacheable::Uncacheable(NoCacheReason::Custom("set-cookie"));
     }
     let must_understand = cc.as_ref().is_some_and(|cc| cc.has_key("must-understand"));
@@ -108,9 +112,46 @@ pub fn response_cacheability(
             meta.response_header_mut().remove_header(&header::AGE);
             // Connection-scoped fields of the fill's connection must not be replayed on hits.
             remove_hop_by_hop(meta.response_header_mut(), &[]);
+            // Only reached with `SetCookie::Strip` when the response sets cookies.
+            for name in SET_COOKIE_FIELDS {
+                meta.response_header_mut().remove_header(name);
+            }
             RespCacheable::Cacheable(meta)
         }
         uncacheable => uncacheable,
+    }
+}
+
+/// The fields that set cookies: never part of a stored response.
+pub const SET_COOKIE_FIELDS: [&str; 2] = ["set-cookie", "set-cookie2"];
+
+/// Whether `resp` sets cookies.
+pub fn sets_cookie(resp: &ResponseHeader) -> bool {
+    SET_COOKIE_FIELDS
+        .iter()
+        .any(|name| resp.headers.contains_key(*name))
+}
+
+/// The cookie-setting fields of `resp`, in order.
+pub fn cookies_of(resp: &ResponseHeader) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    resp.headers
+        .iter()
+        .filter(|(name, _)| SET_COOKIE_FIELDS.contains(&name.as_str()))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// Gives a response served from a fill stored without cookies the cookies its own upstream
+/// response set (they are this request's, never another client's).
+pub fn restore_cookies(
+    resp: &mut ResponseHeader,
+    cookies: &[(http::HeaderName, http::HeaderValue)],
+) {
+    for (name, value) in cookies {
+        if !resp.headers.get_all(name).iter().any(|v| v == value) {
+            // Names and values came from a parsed header: appending them cannot fail.
+            let _ = resp.append_header(name.clone(), value.clone());
+        }
     }
 }
 
@@ -205,8 +246,8 @@ pub fn freshening_fields(
         "vary",
         "cache-status",
         "age",
-        "set-cookie",
-        "set-cookie2",
+        SET_COOKIE_FIELDS[0],
+        SET_COOKIE_FIELDS[1],
     ];
     let named = connection_named(&not_modified.headers);
     not_modified
@@ -368,6 +409,11 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
 mod tests {
     use super::*;
 
+    /// The decision with the default cookie rule.
+    fn decide(req: &RequestHeader, resp: &ResponseHeader, now: SystemTime) -> RespCacheable {
+        response_cacheability(req, resp, now, SetCookie::Bypass)
+    }
+
     fn req() -> RequestHeader {
         RequestHeader::build("GET", b"/", None).expect("static request")
     }
@@ -402,37 +448,33 @@ mod tests {
         let r = req();
         assert_eq!(
             ttl(
-                &response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now),
+                &decide(&r, &resp(&[("cache-control", "max-age=60")]), now),
                 now
             ),
             Some(60)
         );
         assert_eq!(
             ttl(
-                &response_cacheability(
-                    &r,
-                    &resp(&[("cache-control", "no-store, max-age=60")]),
-                    now
-                ),
+                &decide(&r, &resp(&[("cache-control", "no-store, max-age=60")]), now),
                 now
             ),
             None
         );
         assert_eq!(
             ttl(
-                &response_cacheability(&r, &resp(&[("cache-control", "private, max-age=60")]), now),
+                &decide(&r, &resp(&[("cache-control", "private, max-age=60")]), now),
                 now
             ),
             None
         );
         assert_eq!(
-            ttl(&response_cacheability(&r, &resp(&[]), now), now),
+            ttl(&decide(&r, &resp(&[]), now), now),
             None,
             "no heuristic freshness"
         );
         assert_eq!(
             ttl(
-                &response_cacheability(
+                &decide(
                     &r,
                     &resp(&[("cache-control", "max-age=60"), ("vary", "*")]),
                     now
@@ -443,7 +485,7 @@ mod tests {
         );
         assert_eq!(
             ttl(
-                &response_cacheability(
+                &decide(
                     &r,
                     &resp(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]),
                     now
@@ -454,7 +496,7 @@ mod tests {
         );
         assert_eq!(
             ttl(
-                &response_cacheability(
+                &decide(
                     &r,
                     &resp(&[
                         ("cache-control", "public, s-maxage=60"),
@@ -467,12 +509,31 @@ mod tests {
             None,
             "a Set-Cookie is never handed to another client, public or not"
         );
+        // With `set_cookie = "strip"` the response is stored, without its cookies.
+        let cookies = resp(&[
+            ("cache-control", "max-age=60"),
+            ("set-cookie", "a=b"),
+            ("set-cookie2", "c=d"),
+            ("x-other", "kept"),
+        ]);
+        match response_cacheability(&r, &cookies, now, SetCookie::Strip) {
+            RespCacheable::Cacheable(meta) => {
+                let stored = &meta.response_header().headers;
+                assert!(!stored.contains_key("set-cookie"));
+                assert!(!stored.contains_key("set-cookie2"));
+                assert_eq!(
+                    stored.get("x-other").map(|v| v.as_bytes()),
+                    Some(&b"kept"[..])
+                );
+            }
+            RespCacheable::Uncacheable(reason) => panic!("strip must store: {reason:?}"),
+        }
         // must-understand: stored only for a status code whose semantics stratus implements.
         let mu = |status: u16| {
             let mut r = ResponseHeader::build(status, None).expect("status");
             r.append_header("cache-control", "max-age=60, must-understand")
                 .expect("header");
-            ttl(&response_cacheability(&req(), &r, now), now)
+            ttl(&decide(&req(), &r, now), now)
         };
         assert_eq!(mu(200), Some(60));
         // Only a final non-error response to an unsafe method invalidates.
@@ -497,14 +558,14 @@ mod tests {
             .expect("header");
         assert_eq!(
             ttl(
-                &response_cacheability(&r, &resp(&[("cache-control", "max-age=60")]), now),
+                &decide(&r, &resp(&[("cache-control", "max-age=60")]), now),
                 now
             ),
             None
         );
         assert_eq!(
             ttl(
-                &response_cacheability(&r, &resp(&[("cache-control", "s-maxage=60")]), now),
+                &decide(&r, &resp(&[("cache-control", "s-maxage=60")]), now),
                 now
             ),
             Some(60)
@@ -514,7 +575,7 @@ mod tests {
     #[test]
     fn upstream_age_reduces_freshness_and_is_not_stored() {
         let now = SystemTime::now();
-        let c = response_cacheability(
+        let c = decide(
             &req(),
             &resp(&[("cache-control", "max-age=60"), ("age", "45")]),
             now,
@@ -525,7 +586,7 @@ mod tests {
         };
         assert!(meta.response_header().headers.get("age").is_none());
         assert!(meta.age() >= Duration::from_secs(45));
-        let stale = response_cacheability(
+        let stale = decide(
             &req(),
             &resp(&[("cache-control", "max-age=10"), ("age", "20")]),
             now,
@@ -547,7 +608,7 @@ mod tests {
         }
         assert_eq!(upstream_age(&resp(&[])), UpstreamAge::Absent);
         // An invalid Age makes the response stale, and says so downstream.
-        let invalid = response_cacheability(
+        let invalid = decide(
             &req(),
             &resp(&[("cache-control", "max-age=60"), ("age", "1.5")]),
             now,
@@ -566,7 +627,7 @@ mod tests {
     #[test]
     fn variance_follows_vary() {
         let now = SystemTime::now();
-        let RespCacheable::Cacheable(meta) = response_cacheability(
+        let RespCacheable::Cacheable(meta) = decide(
             &req(),
             &resp(&[("cache-control", "max-age=60"), ("vary", "Accept-Encoding")]),
             now,
@@ -581,7 +642,7 @@ mod tests {
         assert_ne!(variance(&meta, &gzip), variance(&meta, &br));
         assert!(variance(&meta, &gzip).is_some());
         let RespCacheable::Cacheable(plain) =
-            response_cacheability(&req(), &resp(&[("cache-control", "max-age=60")]), now)
+            decide(&req(), &resp(&[("cache-control", "max-age=60")]), now)
         else {
             panic!("cacheable")
         };

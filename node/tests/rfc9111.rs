@@ -31,8 +31,13 @@ impl Setup {
 
 /// Both setups in front of one origin.
 async fn setups(origin: &TestOrigin) -> Vec<(&'static str, Setup)> {
+    setups_with(origin, "").await
+}
+
+/// Both setups in front of one origin, every node's config ending with `extra`.
+async fn setups_with(origin: &TestOrigin, extra: &str) -> Vec<(&'static str, Setup)> {
     let origins = [OriginEntry::new(HOST, origin.addr())];
-    let standalone = NodeProcess::start(bin(), "solo", &origins, "")
+    let standalone = NodeProcess::start(bin(), "solo", &origins, extra)
         .await
         .expect("standalone node");
     let spec = FleetSpec {
@@ -40,7 +45,7 @@ async fn setups(origin: &TestOrigin) -> Vec<(&'static str, Setup)> {
         uppers: 1,
         origins: origins.to_vec(),
         lower_tier_extra: String::new(),
-        common_extra: String::new(),
+        common_extra: extra.to_string(),
     };
     let fleet = Fleet::start(bin(), &spec).await.expect("fleet");
     vec![
@@ -125,6 +130,40 @@ async fn a_response_that_sets_a_cookie_is_never_served_to_another_client() {
                 "{name}: {cc} with Set-Cookie was stored"
             );
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn set_cookie_strip_stores_the_response_without_its_cookies() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups_with(&origin, "[cache]\nset_cookie = \"strip\"\n").await {
+        let addr = setup.client_addr();
+        let path = format!("/{name}/cookie-strip");
+        origin.fixed(
+            &path,
+            Reply::ok("shared")
+                .header("cache-control", "max-age=600")
+                .header("set-cookie", "session=alice")
+                .header("set-cookie", "theme=dark"),
+        );
+        // The request that caused the cookies gets them, both.
+        let first = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+        assert_eq!(first.status, 200);
+        let mut cookies = first.headers_named("set-cookie");
+        cookies.sort();
+        assert_eq!(cookies, ["session=alice", "theme=dark"], "{name}");
+        // Every later client gets the stored copy, without any cookie.
+        for _ in 0..2 {
+            let hit = client::get(addr, HOST, &path, &[]).await.expect("exchange");
+            assert_eq!(hit.status, 200);
+            assert_eq!(hit.body, b"shared");
+            assert!(
+                hit.headers_named("set-cookie").is_empty(),
+                "{name}: a stored cookie reached another client: {}",
+                hit.cache_status()
+            );
+        }
+        assert_eq!(origin.count(&path), 1, "{name}: stored once");
     }
 }
 
@@ -489,6 +528,45 @@ async fn a_new_variant_is_a_vary_miss() {
             ours(again.cache_status()).contains("; hit"),
             "{name}: {}",
             again.cache_status()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_status_names_the_key_every_spelling_shares() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        let path = format!("/{name}/keyed?q=1");
+        origin.fixed(&path, Reply::ok("k").header("cache-control", "max-age=600"));
+        let key = format!("\"{}:{HOST}{path}\"", HOST.len());
+        // The same object under another spelling of the host: one key, shown by every node
+        // the response passed (the first time both tiers, then the lower's hit alone).
+        for (i, host) in [HOST.to_string(), format!("{}:80", HOST.to_uppercase())]
+            .into_iter()
+            .enumerate()
+        {
+            let r = client::get(addr, &host, &path, &[])
+                .await
+                .expect("exchange");
+            assert_eq!(r.status, 200);
+            let entries = r.cache_status();
+            let nodes = if name == "tiered" && i == 0 { 2 } else { 1 };
+            assert_eq!(
+                entries.matches(&format!("; key={key}")).count(),
+                nodes,
+                "{name} {host}: {entries}"
+            );
+        }
+        assert_eq!(origin.count(&path), 1, "{name}: one key, one fetch");
+        // Not cacheable by method: no key.
+        let post = client::request(addr, "POST", HOST, &path, &[])
+            .await
+            .expect("exchange");
+        assert!(
+            !post.cache_status().contains("key="),
+            "{name}: {}",
+            post.cache_status()
         );
     }
 }

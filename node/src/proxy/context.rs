@@ -75,6 +75,9 @@ pub struct Progress {
     pub resend_same: bool,
     /// Attempts that were such resends (they try no new member).
     pub resends: usize,
+    /// The cookies of a response stored without them (`set_cookie = "strip"`), given back to
+    /// this request alone.
+    pub own_cookies: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Progress {

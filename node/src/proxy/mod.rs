@@ -129,11 +129,18 @@ impl ProxyHttp for Proxy {
             header
         });
         let resp = freshened.as_ref().unwrap_or(resp);
-        Ok(policy::response_cacheability(
+        let set_cookie = self.config.cache.set_cookie;
+        let decided = policy::response_cacheability(
             session.req_header(),
             resp,
             SystemTime::now(),
-        ))
+            set_cookie,
+        );
+        if matches!(decided, RespCacheable::Cacheable(_)) && policy::sets_cookie(resp) {
+            // Stored without them: only the request that caused the cookies receives them.
+            ctx.progress.own_cookies = policy::cookies_of(resp);
+        }
+        Ok(decided)
     }
 
     fn cache_vary_filter(
@@ -196,9 +203,18 @@ impl ProxyHttp for Proxy {
             }
         }
         self.guide_lower_update(session, resp)?;
+        if matches!(
+            session.cache.phase(),
+            CachePhase::Miss | CachePhase::Expired
+        ) {
+            policy::restore_cookies(resp, &ctx.progress.own_cookies);
+        }
         self.invalidate_after_unsafe(session, resp, ctx).await;
-        let outcome = self.outcome(session, ctx);
-        self.add_cache_status(session, resp, ctx, &outcome)
+        let ours = self.add_cache_status(session, resp, &self.outcome(session, ctx))?;
+        if self.telemetry.is_enabled() {
+            ctx.trace.cache_status = ours;
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -328,14 +344,13 @@ impl Proxy {
     }
 
     /// Appends this node's `Cache-Status` entry after the upstream's (and passes on a fill's
-    /// age, which the stored header drops).
+    /// age, which the stored header drops). Returns our entry.
     fn add_cache_status(
         &self,
         session: &Session,
         resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-        outcome: &CacheOutcome,
-    ) -> Result<()> {
+        outcome: &CacheOutcome<'_>,
+    ) -> Result<String> {
         if matches!(outcome.phase, CachePhase::Miss | CachePhase::Expired) {
             if let Some(meta) = session.cache.maybe_cache_meta() {
                 let age = meta.age().as_secs();
@@ -345,9 +360,6 @@ impl Proxy {
             }
         }
         let ours = cache_status::entry(&self.config.node.name, outcome);
-        if self.telemetry.is_enabled() {
-            ctx.trace.cache_status.clone_from(&ours);
-        }
         if cache_status::served_from_cache(outcome.phase) {
             // Upstream entries stored with the object describe its fill, not this response.
             resp.remove_header("cache-status");
@@ -362,10 +374,10 @@ impl Proxy {
             (!existing.is_empty())
                 .then(|| existing.join(", "))
                 .as_deref(),
-            ours,
+            &ours,
         );
         resp.insert_header("cache-status", joined)?;
-        Ok(())
+        Ok(ours)
     }
 
     /// A fill that outgrew `max_object_size` streamed through and was not stored (the store
@@ -472,7 +484,7 @@ impl Proxy {
         }
     }
 
-    fn outcome(&self, session: &Session, ctx: &Ctx) -> CacheOutcome {
+    fn outcome<'a>(&self, session: &Session, ctx: &'a Ctx) -> CacheOutcome<'a> {
         let now = SystemTime::now();
         let meta: Option<&CacheMeta> = match session.cache.phase() {
             CachePhase::Disabled(_)
@@ -496,6 +508,11 @@ impl Proxy {
                 self.store
                     .has_variant_other_than(&key.primary_bin(), &key.combined_bin())
             },
+            key: ctx
+                .request
+                .as_ref()
+                .filter(|r| r.method_cacheable)
+                .map(|r| r.primary_key.as_str()),
         }
     }
 }
