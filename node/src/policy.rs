@@ -233,6 +233,19 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     remove_hop_by_hop(resp, &["connection", "transfer-encoding", "upgrade"]);
 }
 
+/// Gives a received response without `Date` the time it arrived (RFC 9110 §6.6.1: a recipient
+/// with a clock records it before caching or forwarding), so a stored copy keeps that time
+/// rather than each hit getting a new one. A `Date` it carries is kept as it is.
+pub fn ensure_date(resp: &mut ResponseHeader) {
+    if !resp.headers.contains_key(header::DATE) {
+        // pingora's once-a-second cached HTTP-date: always a valid value.
+        let _ = resp.insert_header(
+            header::DATE,
+            pingora_core::protocols::http::date::get_cached_date(),
+        );
+    }
+}
+
 /// The fields of a 304 that replace the stored response's (RFC 9111 §4.3.4): every field but
 /// framing and coding (the stored body's), `Vary` (the stored variance), hop-by-hop fields, our
 /// per-hop `Cache-Status` and `Age`, and `Set-Cookie` (never stored), in order.

@@ -237,6 +237,73 @@ async fn hop_by_hop_fields_are_neither_stored_nor_forwarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_response_keeps_its_date() {
+    let origin = TestOrigin::start().await.expect("origin");
+    let made =
+        httpdate::fmt_http_date(std::time::SystemTime::now() - std::time::Duration::from_secs(120));
+    for (name, setup) in setups(&origin).await {
+        let addr = setup.client_addr();
+        // The origin's Date passes through every tier and stays on every hit (RFC 9110 §6.6.1).
+        let dated = format!("/{name}/dated");
+        origin.fixed(
+            &dated,
+            Reply::ok("d")
+                .header("cache-control", "max-age=600")
+                .header("date", &made),
+        );
+        // Without one, the time it was received is recorded once and stored with it.
+        let undated = format!("/{name}/undated");
+        origin.fixed(
+            &undated,
+            Reply::ok("u").header("cache-control", "max-age=600"),
+        );
+        let first = client::get(addr, HOST, &dated, &[])
+            .await
+            .expect("exchange");
+        assert_eq!(first.header("date"), Some(made.as_str()), "{name}: miss");
+        let received = client::get(addr, HOST, &undated, &[])
+            .await
+            .expect("exchange");
+        let recorded = received
+            .header("date")
+            .expect("a Date is added")
+            .to_string();
+        // HTTP-dates have whole seconds: let the clock pass one before the hits.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        for _ in 0..2 {
+            let hit = client::get(addr, HOST, &dated, &[])
+                .await
+                .expect("exchange");
+            assert!(
+                hit.cache_status().contains("hit"),
+                "{name}: {}",
+                hit.cache_status()
+            );
+            assert_eq!(
+                hit.header("date"),
+                Some(made.as_str()),
+                "{name}: hit regenerated Date"
+            );
+            let hit = client::get(addr, HOST, &undated, &[])
+                .await
+                .expect("exchange");
+            assert!(
+                hit.cache_status().contains("hit"),
+                "{name}: {}",
+                hit.cache_status()
+            );
+            assert_eq!(
+                hit.header("date"),
+                Some(recorded.as_str()),
+                "{name}: recorded Date"
+            );
+        }
+        assert_eq!(origin.count(&dated), 1);
+        assert_eq!(origin.count(&undated), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_304_freshens_the_stored_header_fields() {
     let origin = TestOrigin::start().await.expect("origin");
     for (name, setup) in setups(&origin).await {

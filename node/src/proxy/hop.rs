@@ -206,6 +206,7 @@ impl Proxy {
     ) -> Result<()> {
         upstream.remove_header(CONTROL_HEADER);
         crate::policy::strip_hop_by_hop(upstream);
+        crate::policy::ensure_date(upstream);
         let mark = upstream
             .headers
             .get(GENERATED_HEADER)
