@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod collector;
+pub mod dns;
 pub mod fault;
 pub mod fleet;
 pub mod history;
@@ -20,6 +21,7 @@ mod wire;
 
 pub use client::Response;
 pub use collector::{CollectorMode, ReceivedSpan, TestCollector};
+pub use dns::TestDns;
 pub use fault::{Fault, FaultProxy};
 pub use fleet::{Fleet, FleetOptions, FleetSpec, TEST_SECRET};
 pub use history::{load, pending, table, History, Record, Summary};

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -162,6 +162,13 @@ pub struct TracingConfig {
     pub export_timeout: Duration,
 }
 
+/// `[dns]`: how origins given by name are resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers to ask (`IP` or `IP:port`); empty = those of `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+}
+
 /// `[admin]`.
 #[derive(Debug, Clone, Default)]
 pub struct AdminConfig {
@@ -184,6 +191,8 @@ pub struct Config {
     pub tracing: TracingConfig,
     /// `[admin]`.
     pub admin: AdminConfig,
+    /// `[dns]`.
+    pub dns: DnsConfig,
 }
 
 /// One thing wrong with a config, at a dotted key.
@@ -548,6 +557,8 @@ impl Config {
         let tracing = read_tracing(tracing_t, &mut problems);
         let admin_t = table_of(&root, "admin", &mut seen, &mut problems);
         let admin = read_admin(admin_t, &mut problems);
+        let dns_t = table_of(&root, "dns", &mut seen, &mut problems);
+        let dns = read_dns(dns_t, &mut problems);
         seen.insert("origin");
         let origins = read_origins(root.get("origin"), &mut problems);
 
@@ -597,6 +608,7 @@ impl Config {
                 origins,
                 tracing,
                 admin,
+                dns,
             }),
             _ => Err(problems),
         }
@@ -1021,6 +1033,33 @@ fn read_admin(t: Option<&Table>, problems: &mut Vec<Problem>) -> AdminConfig {
     }
     s.finish();
     AdminConfig { token }
+}
+
+fn read_dns(t: Option<&Table>, problems: &mut Vec<Problem>) -> DnsConfig {
+    let mut s = Section::new("dns", t, problems);
+    let mut nameservers = Vec::new();
+    match s.raw("nameservers") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for item in items {
+                let parsed = item.as_str().and_then(|v| {
+                    v.parse::<SocketAddr>()
+                        .ok()
+                        .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+                });
+                match parsed {
+                    Some(addr) => nameservers.push(addr),
+                    None => s.problem(
+                        "nameservers",
+                        format!("{item} is not an IP address or IP:port"),
+                    ),
+                }
+            }
+        }
+        Some(_) => s.problem("nameservers", "must be an array of \"IP\" or \"IP:port\""),
+    }
+    s.finish();
+    DnsConfig { nameservers }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use stratus_tracing::{ExportSettings, Telemetry};
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::config::Role;
+use crate::dns::Dns;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::Store;
@@ -91,12 +92,14 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     // Built after bootstrap; stratus never daemonizes, so the export thread survives.
     let telemetry = telemetry(&config)?;
     metrics.watch_spans(telemetry.clone());
+    let dns = Dns::new(&config.dns).map_err(|e| anyhow::anyhow!(e))?;
     let proxy = Proxy::new(
         config.clone(),
         store,
         metrics.clone(),
         tier.clone(),
         telemetry.clone(),
+        dns,
     );
     let mut proxy_service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "stratus-proxy");

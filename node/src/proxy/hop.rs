@@ -6,8 +6,7 @@
 //! member's health hears and whether the next hop is tried; this file only gathers the facts
 //! and carries the verdict out.
 
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -142,15 +141,25 @@ impl Proxy {
             .and_then(|(_, p)| p.parse().ok())
             .unwrap_or(80);
         self.start_attempt(ctx, UpstreamKind::Origin, &host, port);
-        let addr = match resolve(&origin.address).await {
-            Ok(addr) => addr,
+        // The lookup spends the connect timeout; the connect gets what is left of it.
+        let (addr, connect_left) = match self
+            .dns
+            .resolve(&origin.address, origin.connect_timeout)
+            .await
+        {
+            Ok(resolved) => resolved,
             Err(e) => {
                 self.trace_failed_attempt(ctx, "dns", false);
-                return Err(e);
+                return Err(Error::create(
+                    ErrorType::Custom(DNS_FAILED),
+                    ErrorSource::Upstream,
+                    Some(e.to_string().into()),
+                    None,
+                ));
             }
         };
         let mut peer = HttpPeer::new(addr, origin.tls, host);
-        peer.options.connection_timeout = Some(origin.connect_timeout);
+        peer.options.connection_timeout = Some(connect_left.max(Duration::from_millis(1)));
         peer.options.read_timeout = Some(origin.read_timeout);
         self.metrics.origin_requests.inc();
         Ok(Box::new(peer))
@@ -334,22 +343,4 @@ fn upstream_error(kind: &'static str, context: String, retry: bool) -> Box<Error
     );
     e.set_retry(retry);
     e
-}
-
-async fn resolve(address: &str) -> Result<SocketAddr> {
-    if let Ok(addr) = address.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let dns_error = |why: String| {
-        Error::create(
-            ErrorType::Custom(DNS_FAILED),
-            ErrorSource::Upstream,
-            Some(format!("resolving {address}: {why}").into()),
-            None,
-        )
-    };
-    let mut addrs = tokio::net::lookup_host(address)
-        .await
-        .map_err(|e| dns_error(e.to_string()))?;
-    addrs.next().ok_or_else(|| dns_error("no addresses".into()))
 }

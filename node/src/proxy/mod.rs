@@ -40,6 +40,7 @@ use stratus_tracing::{FillLink, Telemetry};
 
 use crate::cache_status::{self, CacheOutcome};
 use crate::config::{Config, Role};
+use crate::dns::Dns;
 use crate::errors::Generated;
 use crate::metrics::Metrics;
 use crate::policy;
@@ -290,6 +291,8 @@ pub struct Proxy {
     fills: moka::sync::Cache<String, FillLink>,
     predictor: &'static Predictor<16>,
     lock: &'static CacheKeyLockImpl,
+    /// Resolves origins given by name.
+    dns: Dns,
 }
 
 impl Proxy {
@@ -300,6 +303,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         tier: Option<Arc<Tier>>,
         telemetry: Telemetry,
+        dns: Dns,
     ) -> Proxy {
         let predictor: &'static Predictor<16> =
             Box::leak(Box::new(Predictor::new(PREDICTOR_SHARD_CAPACITY, None)));
@@ -318,6 +322,7 @@ impl Proxy {
             telemetry,
             predictor,
             lock,
+            dns,
         }
     }
 
