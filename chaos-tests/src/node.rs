@@ -276,6 +276,47 @@ impl NodeProcess {
         Ok(())
     }
 
+    /// The config file's current text.
+    pub fn config_text(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.config_path)?)
+    }
+
+    /// The sum of every `/metrics` sample whose series starts with `series` (a name, or a
+    /// name with the start of its labels: `stratus_config_reloads_total{result="ok"}`).
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let text = client::get(self.admin, "admin", "/metrics", &[])
+            .await?
+            .text();
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Replaces the config with `toml`, sends SIGHUP and waits (at most [`START_DEADLINE`])
+    /// until the node counts a reload with `result` (`ok`, `rejected` or `refused`).
+    pub async fn reload(&mut self, toml: &str, result: &str) -> anyhow::Result<()> {
+        let series = format!("stratus_config_reloads_total{{result=\"{result}\"}}");
+        let before = self.metric(&series).await?;
+        self.rewrite_config(toml)?;
+        self.signal(Signal::SIGHUP)?;
+        let deadline = Instant::now() + START_DEADLINE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("node exited with {status} on SIGHUP:\n{}", self.log());
+            }
+            if self.metric(&series).await.unwrap_or(before) > before {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        anyhow::bail!(
+            "no {result} reload counted within {START_DEADLINE:?}:\n{}",
+            self.log()
+        )
+    }
+
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_DEADLINE;
         while Instant::now() < deadline {

@@ -13,7 +13,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, Live};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::store::Store;
@@ -25,7 +25,7 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 /// The admin application.
 pub struct Admin {
-    config: Arc<Config>,
+    config: Live,
     store: &'static Store,
     metrics: Arc<Metrics>,
     tier: Option<Arc<Tier>>,
@@ -34,7 +34,7 @@ pub struct Admin {
 impl Admin {
     /// The admin API of one node.
     pub fn new(
-        config: Arc<Config>,
+        config: Live,
         store: &'static Store,
         metrics: Arc<Metrics>,
         tier: Option<Arc<Tier>>,
@@ -47,8 +47,13 @@ impl Admin {
         }
     }
 
+    /// The configuration in force.
+    fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(token) = &self.config.admin.token else {
+        let Some(token) = &self.config().admin.token else {
             return true;
         };
         let presented = session
@@ -79,7 +84,7 @@ impl Admin {
                             }),
                             None => json!({"state": "unknown"}),
                         };
-                        json!({"addr": m.addr.to_string(), "name": tier.recipient(id), "weight": m.weight, "health": health})
+                        json!({"addr": m.addr.to_string(), "name": tier.recipient(m.addr), "weight": m.weight, "health": health})
                     })
                     .collect()
             }
@@ -88,8 +93,8 @@ impl Admin {
         json_response(
             StatusCode::OK,
             &json!({
-                "node": self.config.node.name,
-                "role": self.config.node.role.as_str(),
+                "node": self.config().node.name,
+                "role": self.config().node.role.as_str(),
                 "upper": upper,
             }),
         )
@@ -119,14 +124,17 @@ impl Admin {
         };
         let mut results = Vec::new();
         if let Some(tier) = self.tier.as_deref().filter(|t| t.has_upper()) {
-            let members = 0..tier.view().members().len();
-            let purges = members.map(|m| tier.purge_member(m, &host, &path));
+            let view = tier.view();
+            let purges = view
+                .members()
+                .iter()
+                .map(|m| tier.purge_member(m.addr, &host, &path));
             results = futures::future::join_all(purges).await;
         }
         let primary = policy::cache_key(&host, &path).primary_bin();
         let purged = self.store.purge_primary(primary);
         results.push(json!({
-            "node": self.config.node.name,
+            "node": self.config().node.name,
             "outcome": if purged { "purged" } else { "not_found" },
         }));
         json_response(StatusCode::OK, &json!({ "url": url, "results": results }))

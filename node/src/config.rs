@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::{Table, Value};
@@ -150,7 +151,7 @@ pub struct OriginConfig {
 }
 
 /// `[tracing]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TracingConfig {
     /// Base URL of an OTLP/HTTP receiver; `None` = no export.
     pub otlp_endpoint: Option<String>,
@@ -175,6 +176,10 @@ pub struct AdminConfig {
     /// Bearer token required by POST endpoints, when set.
     pub token: Option<String>,
 }
+
+/// The configuration in force, replaced whole (and atomically) by a reload. Readers load it
+/// once per decision: one request never sees half of two configs.
+pub type Live = Arc<arc_swap::ArcSwap<Config>>;
 
 /// A whole, validated node configuration.
 #[derive(Debug, Clone)]
@@ -612,6 +617,41 @@ impl Config {
             }),
             _ => Err(problems),
         }
+    }
+
+    /// What a reload from this config to `next` cannot change while the process runs: each
+    /// a problem at its key. Empty means every difference applies live (upper members and
+    /// weights, origins, timeouts, cache limits but `capacity`, admin token, DNS). A reload
+    /// with any refusal changes nothing: the running config stays whole.
+    pub fn reload_refusals(&self, next: &Config) -> Vec<Problem> {
+        let (a, b) = (&self.node, &next.node);
+        let fixed = [
+            ("node.name", a.name != b.name),
+            ("node.role", a.role != b.role),
+            ("node.listen", a.listen != b.listen),
+            ("node.admin_listen", a.admin_listen != b.admin_listen),
+            ("node.threads", a.threads != b.threads),
+            ("node.grace_period", a.grace_period != b.grace_period),
+            ("cache.capacity", self.cache.capacity != next.cache.capacity),
+            (
+                "cache.lock_age_timeout",
+                self.cache.lock_age_timeout != next.cache.lock_age_timeout,
+            ),
+            ("tier", self.tier.is_some() != next.tier.is_some()),
+            (
+                "tier.secret",
+                matches!((&self.tier, &next.tier), (Some(x), Some(y)) if x.secret != y.secret),
+            ),
+            ("tracing", self.tracing != next.tracing),
+        ];
+        fixed
+            .into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| Problem {
+                key: key.into(),
+                message: "changes only with a restart or `stratus run --upgrade`; the running config is kept".into(),
+            })
+            .collect()
     }
 
     /// What `stratus check` explains beyond "ok": defaults it derived.

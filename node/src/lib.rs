@@ -13,6 +13,7 @@ pub mod errors;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod tier;

@@ -197,6 +197,7 @@ fn main() -> ExitCode {
             let opts = RunOptions {
                 upgrade,
                 upgrade_sock,
+                config_path: Some(config.clone()),
             };
             match server::build(cfg, &opts) {
                 Ok(node) => {

@@ -30,6 +30,12 @@ pub struct Metrics {
     pub replay_cache_entries: IntGauge,
     /// `stratus_replay_cache_bytes`: estimated memory those nonces hold.
     pub replay_cache_bytes: IntGauge,
+    /// `stratus_config_reloads_total{result}`: SIGHUP reloads: `ok`, `rejected` (invalid
+    /// file) or `refused` (a change that needs a restart); the running config kept on both.
+    pub config_reloads: IntCounterVec,
+    /// `stratus_requests_in_flight`: requests (and upgraded connections) being served now;
+    /// a graceful stop ends as soon as it reaches zero.
+    pub in_flight: IntGauge,
     cache_objects: IntGauge,
     cache_bytes: IntGauge,
     telemetry: parking_lot::Mutex<Option<stratus_tracing::Telemetry>>,
@@ -94,6 +100,20 @@ impl Metrics {
             "stratus_replay_cache_bytes",
             "Estimated bytes held by the replay cache",
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "stratus_config_reloads_total",
+                "Config reloads by result: ok, rejected (invalid) or refused (needs a restart)",
+            ),
+            &["result"],
+        )?;
+        for result in ["ok", "rejected", "refused"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        let in_flight = IntGauge::new(
+            "stratus_requests_in_flight",
+            "Requests and upgraded connections being served now",
+        )?;
         let cache_objects = IntGauge::new("stratus_cache_objects", "Objects in the cache")?;
         let cache_bytes = IntGauge::new(
             "stratus_cache_bytes",
@@ -109,6 +129,8 @@ impl Metrics {
         registry.register(Box::new(health_reports_dropped.clone()))?;
         registry.register(Box::new(replay_cache_entries.clone()))?;
         registry.register(Box::new(replay_cache_bytes.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(cache_objects.clone()))?;
         registry.register(Box::new(cache_bytes.clone()))?;
         Ok(Metrics {
@@ -123,6 +145,8 @@ impl Metrics {
             health_reports_dropped,
             replay_cache_entries,
             replay_cache_bytes,
+            config_reloads,
+            in_flight,
             cache_objects,
             cache_bytes,
             telemetry: parking_lot::Mutex::new(None),

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::listening::Service;
@@ -10,14 +12,15 @@ use std::time::Duration;
 use stratus_tracing::{ExportSettings, Telemetry};
 
 use crate::admin::Admin;
-use crate::config::Config;
-use crate::config::Role;
+use crate::config::{Config, Live, Role};
 use crate::dns::Dns;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::Reloader;
 use crate::store::Store;
 use crate::tier::{HealthTask, Tier};
-use pingora_core::services::background::background_service;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::{background_service, BackgroundService};
 
 /// How a node process starts.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +29,8 @@ pub struct RunOptions {
     pub upgrade: bool,
     /// Unix socket the old and new process hand sockets over on.
     pub upgrade_sock: Option<String>,
+    /// The config file SIGHUP reloads; `None`: SIGHUP is ignored.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// A built node: the pingora server and the telemetry to flush when it stops.
@@ -46,6 +51,42 @@ impl Node {
 
 /// How long shutdown waits for the last spans to export.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+/// How often a graceful stop looks at the requests still in flight.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// Polls in a row that must find nothing in flight: a connection accepted just before the
+/// stop gets the time to start its request.
+const DRAIN_IDLE_POLLS: u32 = 3;
+
+/// Ends a graceful stop (SIGTERM, or SIGQUIT once the sockets are handed over) as soon as no
+/// request is in flight. Pingora alone always sleeps the whole grace period; at its end it
+/// shuts this task down with the rest, so the wait is bounded by `grace_period` either way.
+struct Drain {
+    in_flight: prometheus::IntGauge,
+    telemetry: Telemetry,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Fires with pingora's graceful-shutdown broadcast, after which nothing is accepted.
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+        let mut idle = 0;
+        while idle < DRAIN_IDLE_POLLS {
+            idle = if self.in_flight.get() <= 0 {
+                idle + 1
+            } else {
+                0
+            };
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        tracing::info!("graceful stop: no request in flight, exiting before the grace period ends");
+        let telemetry = self.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown(SHUTDOWN_FLUSH)).await;
+        std::process::exit(0);
+    }
+}
 
 /// The node's telemetry from `[tracing]`: off without an endpoint.
 pub fn telemetry(config: &Config) -> anyhow::Result<Telemetry> {
@@ -92,30 +133,45 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     // Built after bootstrap; stratus never daemonizes, so the export thread survives.
     let telemetry = telemetry(&config)?;
     metrics.watch_spans(telemetry.clone());
-    let dns = Dns::new(&config.dns).map_err(|e| anyhow::anyhow!(e))?;
+    let dns = Arc::new(ArcSwap::from_pointee(
+        Dns::new(&config.dns).map_err(|e| anyhow::anyhow!(e))?,
+    ));
+    let live: Live = Arc::new(ArcSwap::new(config.clone()));
     let proxy = Proxy::new(
-        config.clone(),
+        live.clone(),
         store,
         metrics.clone(),
         tier.clone(),
         telemetry.clone(),
-        dns,
+        dns.clone(),
     );
     let mut proxy_service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "stratus-proxy");
     proxy_service.add_tcp(&config.node.listen.to_string());
 
-    let admin = Admin::new(config.clone(), store, metrics.clone(), tier.clone());
+    let admin = Admin::new(live.clone(), store, metrics.clone(), tier.clone());
     let mut admin_service = Service::new("stratus-admin".to_string(), admin);
     admin_service.add_tcp(&config.node.admin_listen.to_string());
 
     server.add_service(proxy_service);
     server.add_service(admin_service);
-    if let Some(tier) = tier.filter(|t| config.node.role == Role::Lower && t.has_upper()) {
+    // Every tiered lower runs the health task, members or not: a reload may add some.
+    if let Some(tier) = tier.clone().filter(|_| config.node.role == Role::Lower) {
         server.add_service(background_service(
             "stratus-health",
-            HealthTask::new(tier, metrics),
+            HealthTask::new(tier, metrics.clone()),
         ));
+    }
+    server.add_service(background_service(
+        "stratus-drain",
+        Drain {
+            in_flight: metrics.in_flight.clone(),
+            telemetry: telemetry.clone(),
+        },
+    ));
+    if let Some(path) = opts.config_path.clone() {
+        let reloader = Reloader::new(path, live, tier, dns, store, metrics);
+        server.add_service(background_service("stratus-reload", reloader));
     }
     Ok(Node { server, telemetry })
 }

@@ -25,7 +25,7 @@
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -177,7 +177,7 @@ pub struct Store {
     next_fill_id: AtomicU64,
     capacity: u64,
     /// Largest body stored; a fill growing past it is streamed through, not stored.
-    max_object: usize,
+    max_object: AtomicUsize,
     /// Bytes held by fills in progress that may still be stored, and their share of capacity.
     filling: AtomicU64,
     fill_budget: u64,
@@ -275,7 +275,7 @@ impl Store {
             fills_by_id: Mutex::new(HashMap::new()),
             next_fill_id: AtomicU64::new(1),
             capacity,
-            max_object: usize::try_from(capacity).unwrap_or(usize::MAX),
+            max_object: AtomicUsize::new(usize::try_from(capacity).unwrap_or(usize::MAX)),
             filling: AtomicU64::new(0),
             fill_budget,
             variants,
@@ -288,9 +288,15 @@ impl Store {
     }
 
     /// The same store, storing no body larger than `max` bytes (default: `capacity`).
-    pub fn with_max_object_size(mut self, max: u64) -> Self {
-        self.max_object = usize::try_from(max).unwrap_or(usize::MAX);
+    pub fn with_max_object_size(self, max: u64) -> Self {
+        self.set_max_object_size(max);
         self
+    }
+
+    /// Changes the limit for fills that start from now on (a reload).
+    pub fn set_max_object_size(&self, max: u64) {
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        self.max_object.store(max, Ordering::Relaxed);
     }
 
     /// Leaks the store: pingora wants `&'static`.
@@ -460,7 +466,7 @@ impl Storage for Store {
             fill,
             bytes: 0,
             finished: false,
-            max_object: self.max_object,
+            max_object: self.max_object.load(Ordering::Relaxed),
             charged: 0,
         }))
     }

@@ -18,8 +18,8 @@ use parking_lot::Mutex;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use stratus_tiering::{
-    Acceptor, ContextError, ControlContext, FleetSecret, Health, HealthBook, Member, MemberId,
-    Outcome, Probe, ProbeFailure, RequestIdentity, RequestLine, Ring, TierView,
+    Acceptor, ContextError, ControlContext, FleetSecret, Health, HealthBook, Member, Outcome,
+    Probe, ProbeFailure, RequestIdentity, RequestLine, Ring, TierView,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -42,23 +42,29 @@ const REPLAY_LIMIT: u64 = 1_000_000;
 const REPLAY_ENTRY_BYTES: i64 = 128;
 /// Upper members a lower tries for one request before `on_all_upper_down` decides.
 pub const MAX_UPPER_ATTEMPTS: usize = 3;
+/// How long a reload waits for the health task to publish new membership.
+const RECONFIGURE_WAIT: Duration = Duration::from_secs(5);
 /// Largest response the inter-tier exchange reads (probe and purge answers are tiny).
 const MAX_EXCHANGE_RESPONSE: usize = 64 * 1024;
 
-/// Something the health task folds.
-#[derive(Debug, Clone, Copy)]
+/// Something the health task folds. Members are named by address: a report that outlives a
+/// membership change still reaches the right member, or none.
+#[derive(Debug)]
 enum HealthEvent {
     /// An attempt that started at the first instant ended like this at the second.
-    Outcome(MemberId, Outcome, Instant, Instant),
-    Probe(MemberId, Probe, Instant),
+    Outcome(SocketAddr, Outcome, Instant, Instant),
+    Probe(SocketAddr, Probe, Instant),
+    /// A reload changed the membership or the thresholds; answered once the new view is
+    /// published.
+    Reconfigure(Vec<Member>, u32, u32, tokio::sync::oneshot::Sender<()>),
 }
 
 /// Tier state shared by the proxy, the admin API and the health task.
 pub struct Tier {
     /// The fleet secret for control contexts.
     pub secret: FleetSecret,
-    /// Settings from `[tier]`.
-    pub settings: TierConfig,
+    /// Settings from `[tier]`, replaced whole by a reload.
+    settings: ArcSwap<TierConfig>,
     view: ArcSwap<TierView>,
     events: mpsc::Sender<HealthEvent>,
     /// The health task takes the book and the receiver when it starts and alone owns them.
@@ -68,13 +74,12 @@ pub struct Tier {
     /// expired nonce stays counted until moka evicts it, which errs on the closed side).
     replays_held: Arc<AtomicU64>,
     replay_limit: u64,
-    /// Per member (ring order = config order): whom its contexts are addressed to.
-    recipients: Vec<String>,
     /// An upper's own names as a recipient: its `node.name` and its listen address.
     identities: Vec<String>,
     /// This process's start: an upper refuses contexts issued before it.
     started: SystemTime,
     node_name: String,
+    node_role: Role,
     metrics: Arc<Metrics>,
 }
 
@@ -98,15 +103,7 @@ impl Tier {
         let Some(settings) = config.tier.clone() else {
             return Ok(None);
         };
-        let members = settings
-            .upper
-            .iter()
-            .map(|m| Member {
-                addr: m.addr,
-                weight: m.weight,
-            })
-            .collect();
-        let ring = Ring::new(members)?;
+        let ring = Ring::new(ring_members(&settings))?;
         let book = HealthBook::new(ring, settings.failure_threshold, settings.rise);
         for m in &settings.upper {
             // Every member has a gauge from the start, not only after its first change.
@@ -135,8 +132,7 @@ impl Tier {
         Ok(Some(Arc::new(Tier {
             secret: FleetSecret::new(settings.secret.clone()),
             view: ArcSwap::from_pointee(book.view()),
-            recipients: settings.upper.iter().map(|m| m.recipient()).collect(),
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             events,
             receiver: Mutex::new(Some((book, receiver))),
             replays,
@@ -145,13 +141,41 @@ impl Tier {
             identities,
             started: SystemTime::now(),
             node_name: config.node.name.clone(),
+            node_role: config.node.role,
             metrics,
         })))
     }
 
     /// Whether this lower node routes misses to upper members.
     pub fn has_upper(&self) -> bool {
-        !self.settings.upper.is_empty()
+        !self.settings.load().upper.is_empty()
+    }
+
+    /// The `[tier]` settings in force.
+    pub fn settings(&self) -> Arc<TierConfig> {
+        self.settings.load_full()
+    }
+
+    /// Applies a reloaded `[tier]` (a reload already refused a changed secret): new timeouts
+    /// and policy at once, new members and thresholds through the health task, which keeps
+    /// the health of members that stay. Returns once the new ring routes requests.
+    pub async fn reconfigure(&self, settings: TierConfig) -> anyhow::Result<()> {
+        let members = ring_members(&settings);
+        Ring::new(members.clone())?;
+        let (done, published) = tokio::sync::oneshot::channel();
+        let event =
+            HealthEvent::Reconfigure(members, settings.failure_threshold, settings.rise, done);
+        self.settings.store(Arc::new(settings));
+        if self.node_role == Role::Upper {
+            // An upper has no members and no health task.
+            return Ok(());
+        }
+        let stopped = || anyhow::anyhow!("the health task is not running");
+        self.events.send(event).await.map_err(|_| stopped())?;
+        tokio::time::timeout(RECONFIGURE_WAIT, published)
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|_| stopped())
     }
 
     /// The current membership + health snapshot.
@@ -159,19 +183,24 @@ impl Tier {
         self.view.load_full()
     }
 
-    /// Whom contexts for `member` are addressed to.
-    pub fn recipient(&self, member: MemberId) -> Option<&str> {
-        self.recipients.get(member).map(String::as_str)
+    /// Whom contexts for the member at `addr` are addressed to: its configured `name`, else
+    /// its address (also for a member a reload removed while an attempt was on its way).
+    pub fn recipient(&self, addr: SocketAddr) -> String {
+        self.settings
+            .load()
+            .upper
+            .iter()
+            .find(|m| m.addr == addr)
+            .map_or_else(|| addr.to_string(), |m| m.recipient())
     }
 
-    /// A fresh context for one attempt of `identity` to `member`.
-    pub fn issue(&self, identity: &RequestIdentity, member: MemberId) -> Option<ControlContext> {
-        let recipient = self.recipient(member)?;
-        Some(identity.issue(recipient, rand::random(), SystemTime::now()))
+    /// A fresh context for one attempt of `identity` to the member at `addr`.
+    pub fn issue(&self, identity: &RequestIdentity, addr: SocketAddr) -> ControlContext {
+        identity.issue(&self.recipient(addr), rand::random(), SystemTime::now())
     }
 
     /// Reports the outcome of an attempt that started at `started`, without waiting.
-    pub fn report(&self, member: MemberId, outcome: Outcome, started: Instant) {
+    pub fn report(&self, member: SocketAddr, outcome: Outcome, started: Instant) {
         let event = HealthEvent::Outcome(member, outcome, started, Instant::now());
         if self.events.try_send(event).is_err() {
             self.metrics.health_reports_dropped.inc();
@@ -261,21 +290,18 @@ impl Tier {
     /// to it. The answer names the member as it names itself.
     pub async fn purge_member(
         &self,
-        member: MemberId,
+        addr: SocketAddr,
         host: &str,
         path: &str,
     ) -> serde_json::Value {
         use serde_json::json;
-        let addr = self.view().members().get(member).map(|m| m.addr);
         let identity = RequestIdentity::new(
             host,
             crate::policy::key_id(&crate::policy::primary_key(host, path)),
             format!("{:032x}", rand::random::<u128>()),
             self.node_name.clone(),
         );
-        let (Some(addr), Some(ctx)) = (addr, self.issue(&identity, member)) else {
-            return json!({"node": member, "outcome": "error: unknown member"});
-        };
+        let ctx = self.issue(&identity, addr);
         let value = ctx.encode(
             &self.secret,
             RequestLine {
@@ -286,7 +312,8 @@ impl Tier {
         let request = format!(
             "PURGE {path} HTTP/1.1\r\nHost: {host}\r\n{CONTROL_HEADER}: {value}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        let timeout = self.settings.connect_timeout + self.settings.probe_timeout;
+        let settings = self.settings();
+        let timeout = settings.connect_timeout + settings.probe_timeout;
         let answer = exchange(addr, request.as_bytes(), timeout).await;
         let reply = answer
             .as_ref()
@@ -296,7 +323,7 @@ impl Tier {
         let name = reply
             .as_ref()
             .and_then(|v| v.get("node").cloned())
-            .unwrap_or_else(|| json!(self.recipient(member).unwrap_or_default()));
+            .unwrap_or_else(|| json!(self.recipient(addr)));
         let outcome = match (&answer, &reply) {
             (_, Some(v)) => v.get("outcome").cloned().unwrap_or(json!("unknown")),
             (Ok((status, _)), None) => json!(format!("error: upper answered {status}")),
@@ -307,14 +334,14 @@ impl Tier {
 
     /// The readiness probe a lower sends `member`: the health path with a signed context, so
     /// a member with another secret or a skewed clock refuses it as it would a request.
-    fn probe_request(&self, member: MemberId) -> Option<String> {
+    fn probe_request(&self, member: SocketAddr) -> String {
         let identity = RequestIdentity::new(
             "stratus-probe",
             "probe",
             format!("{:032x}", rand::random::<u128>()),
             self.node_name.clone(),
         );
-        let ctx = self.issue(&identity, member)?;
+        let ctx = self.issue(&identity, member);
         let value = ctx.encode(
             &self.secret,
             RequestLine {
@@ -322,9 +349,9 @@ impl Tier {
                 target: HEALTH_PATH,
             },
         );
-        Some(format!(
+        format!(
             "GET {HEALTH_PATH} HTTP/1.1\r\nHost: stratus\r\n{CONTROL_HEADER}: {value}\r\nConnection: close\r\n\r\n"
-        ))
+        )
     }
 }
 
@@ -342,20 +369,20 @@ impl HealthTask {
 
     /// Probes every member, one round at a time: a round ends (each probe bounded by
     /// `probe_timeout`) before the interval to the next begins, so probes never overlap.
-    async fn probe_rounds(tier: Arc<Tier>, members: Vec<Member>) {
+    /// Each round probes the members of the view in force when it starts.
+    async fn probe_rounds(tier: Arc<Tier>) {
         loop {
-            tokio::time::sleep(tier.settings.probe_interval).await;
-            let round = members.iter().enumerate().map(|(id, m)| {
+            tokio::time::sleep(tier.settings().probe_interval).await;
+            let members: Vec<Member> = tier.view().members().to_vec();
+            let round = members.into_iter().map(|m| {
                 let tier = tier.clone();
                 let addr = m.addr;
                 async move {
-                    let result = match tier.probe_request(id) {
-                        Some(req) => probe(addr, &req, tier.settings.probe_timeout).await,
-                        None => Probe::Failed(ProbeFailure::Unreachable),
-                    };
+                    let request = tier.probe_request(addr);
+                    let result = probe(addr, &request, tier.settings().probe_timeout).await;
                     let _ = tier
                         .events
-                        .send(HealthEvent::Probe(id, result, Instant::now()))
+                        .send(HealthEvent::Probe(addr, result, Instant::now()))
                         .await;
                 }
             });
@@ -368,7 +395,9 @@ impl HealthTask {
     }
 
     fn publish(&self, view: TierView) {
+        // Reset first: a member a reload removed leaves no gauge behind.
         self.metrics.upper_down_reason.reset();
+        self.metrics.upper_up.reset();
         for (id, m) in view.members().iter().enumerate() {
             let addr = m.addr.to_string();
             let health = view.health(id);
@@ -390,6 +419,36 @@ impl HealthTask {
     }
 }
 
+/// Folds one event into the book; true when the published view must change.
+fn fold(book: &mut HealthBook, event: HealthEvent) -> bool {
+    match event {
+        HealthEvent::Outcome(addr, outcome, started, at) => book
+            .member_id(addr)
+            .is_some_and(|id| book.observe(id, outcome, started, at)),
+        HealthEvent::Probe(addr, result, at) => {
+            if let Probe::Failed(f) = result {
+                tracing::debug!(member = %addr, failure = %f, "readiness probe failed");
+            }
+            book.member_id(addr)
+                .is_some_and(|id| book.probed(id, result, at))
+        }
+        // Handled by the task itself, which answers once the view is published.
+        HealthEvent::Reconfigure(..) => false,
+    }
+}
+
+/// The ring members of `[tier].upper`, in config order.
+fn ring_members(settings: &TierConfig) -> Vec<Member> {
+    settings
+        .upper
+        .iter()
+        .map(|m| Member {
+            addr: m.addr,
+            weight: m.weight,
+        })
+        .collect()
+}
+
 /// One readiness probe: 200 is ready, anything else says how it failed.
 async fn probe(addr: SocketAddr, request: &str, timeout: Duration) -> Probe {
     match tokio::time::timeout(timeout, exchange_once(addr, request.as_bytes())).await {
@@ -408,20 +467,26 @@ impl BackgroundService for HealthTask {
             tracing::error!("health task started twice; the first one owns member health");
             return;
         };
-        let members: Vec<Member> = book.view().members().to_vec();
-        let prober = tokio::spawn(Self::probe_rounds(self.tier.clone(), members));
+        let prober = tokio::spawn(Self::probe_rounds(self.tier.clone()));
         loop {
             let changed = tokio::select! {
                 _ = shutdown.changed() => break,
                 event = events.recv() => match event {
                     None => break,
-                    Some(HealthEvent::Outcome(id, outcome, started, at)) => book.observe(id, outcome, started, at),
-                    Some(HealthEvent::Probe(id, result, at)) => {
-                        if let Probe::Failed(f) = result {
-                            tracing::debug!(member = id, failure = %f, "readiness probe failed");
+                    Some(HealthEvent::Reconfigure(members, failure_threshold, rise, done)) => {
+                        match Ring::new(members) {
+                            Ok(ring) => {
+                                book.reconfigure(ring, failure_threshold, rise);
+                                self.publish(book.view());
+                            }
+                            // Checked before it was sent: a ring that cannot be built changes
+                            // nothing.
+                            Err(e) => tracing::error!(error = %e, "membership change refused"),
                         }
-                        book.probed(id, result, at)
+                        let _ = done.send(());
+                        false
                     }
+                    Some(event) => fold(&mut book, event),
                 },
             };
             if changed {

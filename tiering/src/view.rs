@@ -4,6 +4,7 @@
 //! membership of one moment with the health of another. The single writer is [`HealthBook`]:
 //! it folds outcomes and probe results (time passed in) and hands out the next view.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -308,6 +309,33 @@ impl HealthBook {
                 self.fold(id, outcome, DownReason::Probe(f), now)
             }
         }
+    }
+
+    /// The member at `addr` in the current ring. Reports name members by address, so one
+    /// that outlives a membership change still reaches the right member (or none).
+    pub fn member_id(&self, addr: SocketAddr) -> Option<MemberId> {
+        self.ring.members().iter().position(|m| m.addr == addr)
+    }
+
+    /// Replaces the membership (a config reload): a member that stays keeps its health and
+    /// its return time, whatever its new position or weight; a new member starts up, as
+    /// every member does at start. Publishes a new version.
+    pub fn reconfigure(&mut self, ring: Ring, failure_threshold: u32, rise: u32) {
+        let kept = |addr: SocketAddr| self.member_id(addr);
+        let (health, returned) = ring
+            .members()
+            .iter()
+            .map(|m| match kept(m.addr) {
+                Some(old) => (self.health[old], self.returned[old]),
+                None => (Health::Up { failures: 0 }, None),
+            })
+            .unzip();
+        self.ring = Arc::new(ring);
+        self.health = health;
+        self.returned = returned;
+        self.failure_threshold = failure_threshold.max(1);
+        self.rise = rise.max(1);
+        self.version += 1;
     }
 
     /// The snapshot to publish.

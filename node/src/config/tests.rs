@@ -192,3 +192,38 @@ fn max_object_size_fits_the_share_fills_may_hold() {
     let problems = Config::parse(&big, Path::new(".")).expect_err("too large");
     assert_eq!(keys(&problems), vec!["cache.max_object_size"]);
 }
+
+#[test]
+fn a_reload_refuses_what_needs_a_restart_and_nothing_else() {
+    let running = Config::parse(GOOD, Path::new(".")).expect("valid");
+    let with = |from: &str, to: &str| {
+        assert!(GOOD.contains(from), "{from}");
+        Config::parse(&GOOD.replace(from, to), Path::new(".")).expect("valid")
+    };
+    // Live: origins, cache limits but capacity, new sections such as [dns].
+    for (from, to) in [
+        ("127.0.0.1:9000", "127.0.0.1:9001"),
+        ("max_object_size = \"1MiB\"", "max_object_size = \"2MiB\""),
+        (
+            "[[origin]]",
+            "[dns]\nnameservers = [\"127.0.0.1\"]\n\n[[origin]]\nconnect_timeout = \"1s\"",
+        ),
+    ] {
+        let next = with(from, to);
+        assert!(running.reload_refusals(&next).is_empty(), "{to}");
+    }
+    // Fixed for the process's life: each refused at its key.
+    for (from, to, key) in [
+        ("edge-1", "edge-2", "node.name"),
+        ("127.0.0.1:8080", "127.0.0.1:8081", "node.listen"),
+        ("\"64MiB\"", "\"128MiB\"", "cache.capacity"),
+        (
+            "[[origin]]",
+            "[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\n[[origin]]",
+            "tracing",
+        ),
+    ] {
+        let next = with(from, to);
+        assert_eq!(keys(&running.reload_refusals(&next)), [key]);
+    }
+}

@@ -2,13 +2,13 @@
 //! [`Progress`] that moves as the request is served, and the observer's [`TraceState`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
-use stratus_tiering::{
-    Blame, ControlContext, Failure, MemberId, Party, RequestIdentity, Route, Verdict,
-};
+use stratus_tiering::{Blame, ControlContext, Failure, Party, RequestIdentity, Verdict};
 use stratus_tracing::{AttemptTrace, RequestTrace};
 
+use crate::config::Config;
 use crate::errors::Generated;
 
 /// Everything that describes a request, decided once in `request_filter` and then frozen.
@@ -37,7 +37,7 @@ pub struct RequestContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hop {
     /// An upper-tier member.
-    Upper(MemberId, SocketAddr),
+    Upper(SocketAddr),
     /// The origin of the request's `[[origin]]`.
     Origin,
 }
@@ -60,8 +60,9 @@ pub struct Progress {
     pub generated: Option<Generated>,
     /// Status of the current attempt's response, when one arrived.
     pub upstream_status: Option<u16>,
-    /// The route, fixed at the first upstream attempt (lower nodes with upper members).
-    pub route: Option<Route>,
+    /// The route's members by address, fixed at the first upstream attempt (lower nodes
+    /// with upper members); addresses, so a reload meanwhile cannot shift what they name.
+    pub route: Option<Vec<SocketAddr>>,
     /// Every upstream attempt, in order.
     pub attempts: Vec<Attempt>,
     /// An upper's verified account of an error it generated for the current attempt.
@@ -113,6 +114,11 @@ impl Progress {
 /// Pingora's per-request `CTX`.
 #[derive(Debug, Default)]
 pub struct Ctx {
+    /// Counts the request in `stratus_requests_in_flight` for as long as it lives.
+    pub in_flight: Option<InFlight>,
+    /// The configuration the request was admitted under: its origin index and timeouts
+    /// keep meaning the same thing if a reload lands while it is in flight.
+    pub config: Option<Arc<Config>>,
     /// Set by `request_filter` for every admitted request; `None` for refused ones.
     pub request: Option<RequestContext>,
     /// Mutable progress.
@@ -139,5 +145,29 @@ impl Default for TraceState {
             attempt: None,
             cache_status: String::new(),
         }
+    }
+}
+
+/// One request counted in flight: the gauge goes up when it is made and down when the
+/// request's context is dropped (after logging, or when an upgraded connection ends).
+pub struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    /// Counts a request in `gauge`.
+    pub fn enter(gauge: &prometheus::IntGauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
     }
 }

@@ -30,7 +30,7 @@ impl Proxy {
     pub(super) fn lower_tier(&self) -> Option<&Tier> {
         self.tier
             .as_deref()
-            .filter(|t| self.config.node.role == crate::config::Role::Lower && t.has_upper())
+            .filter(|t| self.config().node.role == crate::config::Role::Lower && t.has_upper())
     }
 
     /// Whether another upstream attempt is possible after the current one. Without upper
@@ -44,9 +44,10 @@ impl Proxy {
         let route_left = p
             .route
             .as_ref()
-            .is_some_and(|r| r.hops.len() > p.members_tried());
+            .is_some_and(|r| r.len() > p.members_tried());
         route_left
-            || (tier.settings.on_all_upper_down == AllUpperDown::Origin && p.origin_attempts() == 0)
+            || (tier.settings().on_all_upper_down == AllUpperDown::Origin
+                && p.origin_attempts() == 0)
     }
 
     /// Chooses the next hop and records the attempt: the next untried member on the route
@@ -59,13 +60,13 @@ impl Proxy {
         ctx.progress.upstream_status = None;
         ctx.progress.marked = None;
         if let Some(tier) = self.lower_tier() {
-            if let (true, Some(Hop::Upper(id, addr))) = (
+            if let (true, Some(Hop::Upper(addr))) = (
                 std::mem::take(&mut ctx.progress.resend_same),
                 ctx.progress.current_hop(),
             ) {
                 ctx.progress.resends += 1;
-                let context = r.identity.as_ref().and_then(|i| tier.issue(i, id));
-                let hop = Hop::Upper(id, addr);
+                let context = r.identity.as_ref().map(|i| tier.issue(i, addr));
+                let hop = Hop::Upper(addr);
                 ctx.progress.attempts.push(Attempt {
                     hop,
                     started: Instant::now(),
@@ -75,17 +76,16 @@ impl Proxy {
             }
             let tried = ctx.progress.members_tried();
             let route = ctx.progress.route.get_or_insert_with(|| {
-                route(r.primary_key.as_bytes(), &tier.view(), MAX_UPPER_ATTEMPTS)
+                let view = tier.view();
+                let hops = route(r.primary_key.as_bytes(), &view, MAX_UPPER_ATTEMPTS).hops;
+                let members = view.members();
+                hops.iter()
+                    .filter_map(|&id| members.get(id).map(|m| m.addr))
+                    .collect()
             });
-            if let Some(&id) = route.hops.get(tried) {
-                let addr = tier
-                    .view()
-                    .members()
-                    .get(id)
-                    .map(|m| m.addr)
-                    .ok_or_else(|| internal("route names an unknown member"))?;
-                let context = r.identity.as_ref().and_then(|i| tier.issue(i, id));
-                let hop = Hop::Upper(id, addr);
+            if let Some(&addr) = route.get(tried) {
+                let context = r.identity.as_ref().map(|i| tier.issue(i, addr));
+                let hop = Hop::Upper(addr);
                 ctx.progress.attempts.push(Attempt {
                     hop,
                     started: Instant::now(),
@@ -93,7 +93,7 @@ impl Proxy {
                 });
                 return Ok(hop);
             }
-            let go_direct = tier.settings.on_all_upper_down == AllUpperDown::Origin
+            let go_direct = tier.settings().on_all_upper_down == AllUpperDown::Origin
                 && ctx.progress.origin_attempts() == 0;
             if !go_direct {
                 return Err(upstream_error(
@@ -113,7 +113,7 @@ impl Proxy {
 
     /// The peer for `hop`, with its timeouts; starts the attempt's CLIENT span.
     pub(super) async fn peer_for(&self, hop: Hop, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        if let (Hop::Upper(_, addr), Some(tier)) = (hop, self.tier.as_deref()) {
+        if let (Hop::Upper(addr), Some(tier)) = (hop, self.tier.as_deref()) {
             self.start_attempt(
                 ctx,
                 UpstreamKind::Upper,
@@ -121,16 +121,20 @@ impl Proxy {
                 addr.port(),
             );
             let mut peer = HttpPeer::new(addr, false, String::new());
-            peer.options.connection_timeout = Some(tier.settings.connect_timeout);
-            peer.options.read_timeout = Some(tier.settings.read_timeout);
+            let settings = tier.settings();
+            peer.options.connection_timeout = Some(settings.connect_timeout);
+            peer.options.read_timeout = Some(settings.read_timeout);
             return Ok(Box::new(peer));
         }
         let r = ctx
             .request
             .as_ref()
             .ok_or_else(|| internal("upstream without context"))?;
-        let origin = self
+        let config = ctx
             .config
+            .clone()
+            .unwrap_or_else(|| self.config.load_full());
+        let origin = config
             .origins
             .get(r.origin)
             .ok_or_else(|| internal("origin index out of range"))?;
@@ -142,10 +146,8 @@ impl Proxy {
             .unwrap_or(80);
         self.start_attempt(ctx, UpstreamKind::Origin, &host, port);
         // The lookup spends the connect timeout; the connect gets what is left of it.
-        let (addr, connect_left) = match self
-            .dns
-            .resolve(&origin.address, origin.connect_timeout)
-            .await
+        let dns = self.dns.load_full();
+        let (addr, connect_left) = match dns.resolve(&origin.address, origin.connect_timeout).await
         {
             Ok(resolved) => resolved,
             Err(e) => {
@@ -296,8 +298,8 @@ impl Proxy {
         let Some(attempt) = ctx.progress.attempts.last() else {
             return;
         };
-        if let (Some(tier), Hop::Upper(id, addr)) = (&self.tier, attempt.hop) {
-            tier.report(id, outcome, attempt.started);
+        if let (Some(tier), Hop::Upper(addr)) = (&self.tier, attempt.hop) {
+            tier.report(addr, outcome, attempt.started);
             self.metrics
                 .upper_requests
                 .with_label_values(&[addr.to_string().as_str(), outcome.label()])

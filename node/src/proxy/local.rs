@@ -24,7 +24,7 @@ impl Proxy {
     /// probe carrying a control context is a readiness check: the context must verify as a
     /// request's would (secret, clock, recipient, replay), else 403 naming why.
     pub(super) async fn answer_health(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        let readiness = match (self.config.node.role, self.tier.as_deref()) {
+        let readiness = match (self.config().node.role, self.tier.as_deref()) {
             (Role::Upper, Some(tier)) => match control_header(session.req_header()) {
                 Ok(None) => Ok(()),
                 Ok(Some(value)) => {
@@ -59,7 +59,7 @@ impl Proxy {
             .purge_primary(policy::cache_key(&r.host, &r.path_and_query).primary_bin());
         let body = Bytes::from(format!(
             "{{\"node\": \"{}\", \"outcome\": \"{}\"}}\n",
-            self.config.node.name,
+            self.config().node.name,
             if purged { "purged" } else { "not_found" }
         ));
         write_local(session, 200, "application/json", body, &[]).await
@@ -75,7 +75,7 @@ impl Proxy {
     ) -> Result<()> {
         let mut extra = vec![(
             "cache-status",
-            cache_status::generated(&self.config.node.name, g),
+            cache_status::generated(&self.config().node.name, g),
         )];
         if let Some(mark) = self.mark(session, ctx, g) {
             extra.push((GENERATED_HEADER, mark));
@@ -100,7 +100,7 @@ impl Proxy {
     /// replay), so the lower can trust who is blamed. Without one (a wrong secret), unsigned.
     fn mark(&self, session: &Session, ctx: &Ctx, g: Generated) -> Option<String> {
         let tier = self.tier.as_deref()?;
-        if self.config.node.role != Role::Upper {
+        if self.config().node.role != Role::Upper {
             return None;
         }
         let received = ctx.request.as_ref().and_then(|r| r.received.clone());

@@ -18,11 +18,12 @@ mod local;
 mod trace;
 
 pub use admission::{admit, Arrival, CDN_LOOP_TOKEN, MAX_STRATUS_HOPS};
-pub use context::{Attempt, Ctx, Hop, Progress, RequestContext, TraceState};
+pub use context::{Attempt, Ctx, Hop, InFlight, Progress, RequestContext, TraceState};
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::header;
 use pingora_cache::key::CacheHashKey;
@@ -39,7 +40,7 @@ use stratus_tiering::{Party, Stage};
 use stratus_tracing::{FillLink, Telemetry};
 
 use crate::cache_status::{self, CacheOutcome};
-use crate::config::{Config, Role};
+use crate::config::{Config, Live, Role};
 use crate::dns::Dns;
 use crate::errors::Generated;
 use crate::metrics::Metrics;
@@ -57,7 +58,10 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::default()
+        Ctx {
+            in_flight: Some(InFlight::enter(&self.metrics.in_flight)),
+            ..Ctx::default()
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -72,13 +76,15 @@ impl ProxyHttp for Proxy {
             Some(_) => Arrival::Refresh,
             None => Arrival::Network,
         };
+        let config = self.config.load_full();
         let admitted = admit(
-            &self.config,
+            &config,
             self.tier.as_deref(),
             session.req_header(),
             SystemTime::now(),
             arrival,
         );
+        ctx.config = Some(config);
         ctx.trace.request = self.start_trace(session, admitted.as_ref().ok());
         match admitted {
             Ok(request) if self.is_purge_from_lower(session) => {
@@ -119,7 +125,7 @@ impl ProxyHttp for Proxy {
         resp: &ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<RespCacheable> {
-        if policy::declared_length_over(resp, self.config.cache.max_object_size) {
+        if policy::declared_length_over(resp, self.config().cache.max_object_size) {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::ResponseTooLarge));
         }
         // After a 304, `resp` is pingora's partial merge: freshen it with every 304 field
@@ -130,7 +136,7 @@ impl ProxyHttp for Proxy {
             header
         });
         let resp = freshened.as_ref().unwrap_or(resp);
-        let set_cookie = self.config.cache.set_cookie;
+        let set_cookie = self.config().cache.set_cookie;
         let decided = policy::response_cacheability(
             session.req_header(),
             resp,
@@ -197,7 +203,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.remove_header(CONTROL_HEADER);
-        if self.config.node.role == Role::Lower {
+        if self.config().node.role == Role::Lower {
             // Directives meant for stratus alone never reach a client.
             for name in policy::STRATUS_ONLY_FIELDS {
                 resp.remove_header(name);
@@ -281,7 +287,7 @@ impl ProxyHttp for Proxy {
 
 /// Shared state of one node's proxy.
 pub struct Proxy {
-    config: Arc<Config>,
+    config: Live,
     store: &'static Store,
     metrics: Arc<Metrics>,
     tier: Option<Arc<Tier>>,
@@ -291,27 +297,27 @@ pub struct Proxy {
     fills: moka::sync::Cache<String, FillLink>,
     predictor: &'static Predictor<16>,
     lock: &'static CacheKeyLockImpl,
-    /// Resolves origins given by name.
-    dns: Dns,
+    /// Resolves origins given by name; a reload may replace it.
+    dns: Arc<ArcSwap<Dns>>,
 }
 
 impl Proxy {
     /// A proxy serving `config` from `store`.
     pub fn new(
-        config: Arc<Config>,
+        config: Live,
         store: &'static Store,
         metrics: Arc<Metrics>,
         tier: Option<Arc<Tier>>,
         telemetry: Telemetry,
-        dns: Dns,
+        dns: Arc<ArcSwap<Dns>>,
     ) -> Proxy {
         let predictor: &'static Predictor<16> =
             Box::leak(Box::new(Predictor::new(PREDICTOR_SHARD_CAPACITY, None)));
         let lock: &'static CacheKeyLockImpl =
-            Box::leak(CacheLock::new_boxed(config.cache.lock_age_timeout));
+            Box::leak(CacheLock::new_boxed(config.load().cache.lock_age_timeout));
         let fills = moka::sync::Cache::builder()
             .max_capacity(FILL_LINKS)
-            .time_to_live(config.cache.lock_age_timeout)
+            .time_to_live(config.load().cache.lock_age_timeout)
             .build();
         Proxy {
             config,
@@ -326,16 +332,21 @@ impl Proxy {
         }
     }
 
+    /// The configuration in force: loaded once per decision.
+    fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
     /// An upper answers `PURGE` only from a lower (admission verified its context).
     fn is_purge_from_lower(&self, session: &Session) -> bool {
-        self.config.node.role == Role::Upper && session.req_header().method.as_str() == "PURGE"
+        self.config().node.role == Role::Upper && session.req_header().method.as_str() == "PURGE"
     }
 
     /// Our store, no eviction manager (moka bounds itself), the predictor (known-uncacheable
     /// keys skip the lock) and the coalescing lock.
     fn enable_cache(&self, session: &mut Session) {
         let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.config.cache.lock_wait_timeout);
+        overrides.wait_timeout = Some(self.config().cache.lock_wait_timeout);
         session.cache.enable(
             self.store,
             None,
@@ -364,7 +375,7 @@ impl Proxy {
                 }
             }
         }
-        let ours = cache_status::entry(&self.config.node.name, outcome);
+        let ours = cache_status::entry(&self.config().node.name, outcome);
         if cache_status::served_from_cache(outcome.phase) {
             // Upstream entries stored with the object describe its fill, not this response.
             resp.remove_header("cache-status");
@@ -389,7 +400,7 @@ impl Proxy {
     /// enforces the limit); tell the predictor, so the next requests for the key skip the
     /// cache lock and go straight upstream, as pingora's own limit would have had them do.
     fn remember_too_large(&self, session: &Session) {
-        let limit = usize::try_from(self.config.cache.max_object_size).unwrap_or(usize::MAX);
+        let limit = usize::try_from(self.config().cache.max_object_size).unwrap_or(usize::MAX);
         if matches!(session.cache.phase(), CachePhase::Miss)
             && session.as_ref().body_bytes_sent() > limit
         {
@@ -425,13 +436,14 @@ impl Proxy {
             let view = tier.view();
             let mut up = Vec::new();
             for path in &paths {
-                for member in 0..view.members().len() {
-                    if view.is_up(member) {
-                        up.push(tier.purge_member(member, &r.host, path));
+                for (id, member) in view.members().iter().enumerate() {
+                    let addr = member.addr;
+                    if view.is_up(id) {
+                        up.push(tier.purge_member(addr, &r.host, path));
                     } else {
                         let (tier, host, path) = (shared.clone(), r.host.clone(), path.clone());
                         tokio::spawn(async move {
-                            let _ = tier.purge_member(member, &host, &path).await;
+                            let _ = tier.purge_member(addr, &host, &path).await;
                         });
                     }
                 }
@@ -450,7 +462,7 @@ impl Proxy {
     /// representation metadata, and the lower freshens its copy from what the 304 carries
     /// (RFC 9110 §15.4.5 allows metadata that guides a cache update).
     fn guide_lower_update(&self, session: &Session, resp: &mut ResponseHeader) -> Result<()> {
-        if self.config.node.role != Role::Upper || resp.status != http::StatusCode::NOT_MODIFIED {
+        if self.config().node.role != Role::Upper || resp.status != http::StatusCode::NOT_MODIFIED {
             return Ok(());
         }
         let stored = session.cache.maybe_cache_meta().and_then(|m| {

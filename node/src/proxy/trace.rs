@@ -25,8 +25,8 @@ impl Proxy {
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
         let facts = RequestFacts {
-            node: &self.config.node.name,
-            tier: self.config.node.role.as_str(),
+            node: &self.config().node.name,
+            tier: self.config().node.role.as_str(),
             method: req.method.as_str(),
             path: req.uri.path(),
             query: req.uri.query(),
@@ -69,7 +69,7 @@ impl Proxy {
         }
         if retrying {
             let from = match ctx.progress.current_hop() {
-                Some(Hop::Upper(_, addr)) => addr.to_string(),
+                Some(Hop::Upper(addr)) => addr.to_string(),
                 _ => "origin".to_string(),
             };
             ctx.trace.request.failover(&from, error_type);
@@ -103,7 +103,7 @@ impl Proxy {
         let generated_entry;
         let cache_status = match ctx.progress.generated {
             Some(g) if ctx.trace.cache_status.is_empty() => {
-                generated_entry = cache_status::generated(&self.config.node.name, g);
+                generated_entry = cache_status::generated(&self.config().node.name, g);
                 generated_entry.as_str()
             }
             _ => ctx.trace.cache_status.as_str(),

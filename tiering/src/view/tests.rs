@@ -212,3 +212,42 @@ fn bad_rings_are_refused_not_panics() {
     assert_eq!(empty.owner(b"k"), None);
     assert!(empty.successors(b"k").is_empty());
 }
+
+#[test]
+fn a_reload_keeps_the_health_of_members_that_stay() {
+    let mut b = book(&[1, 1, 1]);
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        b.observe(1, Outcome::ConnectFailed, t0, t0);
+    }
+    assert!(!b.view().is_up(1));
+    let before = b.view().version();
+    // Member 1 moves to the front with a new weight, member 0 leaves, member 7 joins.
+    let ring = Ring::new(vec![member(1, 3), member(7, 1), member(2, 1)]).expect("ring");
+    b.reconfigure(ring, 5, 4);
+    let v = b.view();
+    assert!(v.version() > before, "a reload publishes a new version");
+    assert_eq!(v.members().len(), 3);
+    assert!(
+        !v.is_up(0),
+        "a down member stays down across a reload, wherever it moved"
+    );
+    assert!(v.is_up(1), "a new member starts up");
+    assert!(v.is_up(2));
+    assert_eq!(b.member_id(member(1, 1).addr), Some(0));
+    assert_eq!(
+        b.member_id(member(0, 1).addr),
+        None,
+        "a removed member is gone"
+    );
+    // The new thresholds apply: 4 ready probes bring the kept member back, not 2.
+    for i in 0..3 {
+        assert!(!b.probed(0, Probe::Ready, t0 + Duration::from_secs(i)));
+    }
+    assert!(b.probed(0, Probe::Ready, t0 + Duration::from_secs(4)));
+    // And 5 failures mark one down, not 3.
+    for _ in 0..4 {
+        assert!(!b.observe(2, Outcome::ConnectFailed, t0, t0));
+    }
+    assert!(b.observe(2, Outcome::ConnectFailed, t0, t0));
+}

@@ -1,0 +1,206 @@
+//! Signals as operators send them. SIGHUP reloads the config: validated first, rejected or
+//! refused files change nothing (rollback by construction), a good file applies live —
+//! origins, upper members and weights — and the cache survives. SIGTERM returns as soon as
+//! the requests in flight are done, not after the whole grace period.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stratus_chaos::{client, Fleet, FleetSpec, NodeProcess, OriginEntry, Reply, TestOrigin};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_stratus"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_config_is_rejected_and_a_good_one_applies_live() {
+    let origin = TestOrigin::start().await.expect("origin");
+    origin.fixed(
+        "/kept",
+        Reply::ok("cached").header("cache-control", "max-age=600"),
+    );
+    origin.fixed("/new", Reply::ok("new host"));
+    let mut node = NodeProcess::start(
+        bin(),
+        "reload",
+        &[OriginEntry::new("a.test", origin.addr())],
+        "",
+    )
+    .await
+    .expect("node");
+    let good = node.config_text().expect("config");
+    let first = client::get(node.listen, "a.test", "/kept", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(first.status, 200);
+    let unknown = client::get(node.listen, "b.test", "/new", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(unknown.status, 421, "b.test is not served yet");
+
+    // Broken TOML, then a config that fails validation: each rejected, the node serves on.
+    for broken in [
+        format!("{good}\n[cache\n"),
+        good.replace("[node]", "[node]\nthreads = 0"),
+    ] {
+        node.reload(&broken, "rejected").await.expect("rejected");
+        let r = client::get(node.listen, "a.test", "/kept", &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200, "the running config keeps serving");
+    }
+    assert!(node.log().contains("reload rejected"), "{}", node.log());
+
+    // A new listen address needs --upgrade: refused whole, even with a new origin beside it.
+    let other_port = stratus_chaos::free_port().expect("port");
+    let moved = good.replacen(
+        &format!("listen = \"{}\"", node.listen),
+        &format!("listen = \"{other_port}\""),
+        1,
+    );
+    assert_ne!(moved, good);
+    let moved = format!(
+        "{moved}\n[[origin]]\nhost = \"b.test\"\naddress = \"{}\"\n",
+        origin.addr()
+    );
+    node.reload(&moved, "refused").await.expect("refused");
+    assert!(node.log().contains("node.listen"), "{}", node.log());
+    let r = client::get(node.listen, "b.test", "/new", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(r.status, 421, "a refused reload changed nothing");
+
+    // A good one: the new origin serves at once, the cache is still there.
+    let added = format!(
+        "{good}\n[[origin]]\nhost = \"b.test\"\naddress = \"{}\"\n",
+        origin.addr()
+    );
+    node.reload(&added, "ok").await.expect("ok");
+    let r = client::get(node.listen, "b.test", "/new", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(r.status, 200, "{}", r.cache_status());
+    let hit = client::get(node.listen, "a.test", "/kept", &[])
+        .await
+        .expect("exchange");
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(origin.count("/kept"), 1, "the cache survived the reload");
+    assert!(node.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upper_members_and_weights_change_live() {
+    let origin = TestOrigin::start().await.expect("origin");
+    for i in 0..40 {
+        origin.fixed(
+            &format!("/k/{i}"),
+            Reply::ok("v").header("cache-control", "no-store"),
+        );
+    }
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 2,
+        origins: vec![OriginEntry::new("example.test", origin.addr())],
+        lower_tier_extra: String::new(),
+        common_extra: String::new(),
+    };
+    let mut fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    let lower = &mut fleet.lowers[0];
+    let both = lower.config_text().expect("config");
+    let members_line = both
+        .lines()
+        .find(|l| l.starts_with("upper = ["))
+        .expect("upper line")
+        .to_string();
+    let first_member = members_line
+        .trim_start_matches("upper = [")
+        .split(" }, ")
+        .next()
+        .expect("a member")
+        .trim_end_matches(" }]")
+        .to_string();
+    let ring_size = |text: &str| text.matches("\"addr\"").count();
+    let ring = |lower: &NodeProcess| {
+        let admin = lower.admin;
+        async move {
+            client::get(admin, "admin", "/ring", &[])
+                .await
+                .expect("ring")
+                .text()
+        }
+    };
+    assert_eq!(ring_size(&ring(lower).await), 2);
+
+    // Down to one member: every key goes to it; up to two again with a weight.
+    let one = both.replace(&members_line, &format!("upper = [{first_member} }}]"));
+    lower.reload(&one, "ok").await.expect("ok");
+    assert_eq!(ring_size(&ring(lower).await), 1, "{one}");
+    for i in 0..40 {
+        let r = client::get(lower.listen, "example.test", &format!("/k/{i}"), &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200);
+        assert!(
+            r.cache_status().starts_with("up-1;"),
+            "{}",
+            r.cache_status()
+        );
+    }
+    let weighted = both.replace(" }]", ", weight = 3 }]");
+    lower.reload(&weighted, "ok").await.expect("ok");
+    let text = ring(lower).await;
+    assert_eq!(ring_size(&text), 2, "{text}");
+    assert!(text.contains("\"weight\": 3"), "{text}");
+    let mut served_by_second = 0;
+    for i in 0..40 {
+        let r = client::get(lower.listen, "example.test", &format!("/k/{i}"), &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200);
+        served_by_second += usize::from(r.cache_status().starts_with("up-2;"));
+    }
+    assert!(
+        served_by_second > 0,
+        "the member a reload brought back takes keys"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_what_is_in_flight_and_returns_without_waiting_out_the_grace() {
+    let origin = TestOrigin::start().await.expect("origin");
+    origin.fixed(
+        "/slow",
+        Reply::ok("finished").delay(Duration::from_millis(1500)),
+    );
+    let (listen, admin) = (
+        stratus_chaos::free_port().expect("port"),
+        stratus_chaos::free_port().expect("port"),
+    );
+    // A 30 s grace period: the stop must end long before it.
+    let toml = format!(
+        "[node]\nname = \"term\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"30s\"\n\n[[origin]]\nhost = \"a.test\"\naddress = \"{}\"\n",
+        origin.addr()
+    );
+    let mut node = NodeProcess::start_with(bin(), "term", listen, admin, &toml)
+        .await
+        .expect("node");
+    let slow = tokio::spawn(async move { client::get(listen, "a.test", "/slow", &[]).await });
+    // Let the request reach the origin, then stop.
+    let wait = Instant::now() + Duration::from_secs(5);
+    while origin.count("/slow") == 0 && Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = Instant::now();
+    let status = node.terminate().await.expect("exits");
+    let took = asked.elapsed();
+    let r = slow
+        .await
+        .expect("task")
+        .expect("the request in flight is answered");
+    assert_eq!((r.status, r.text().as_str()), (200, "finished"));
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(15),
+        "SIGTERM waited {took:?}, as if for the whole 30 s grace period"
+    );
+}
