@@ -40,6 +40,9 @@ enum Command {
         /// node outlives its test run, even when the runner is killed).
         #[arg(long, hide = true)]
         exit_with_parent: bool,
+        /// Log lines (access log included) as plain text or one JSON object per line.
+        #[arg(long, value_enum, env = "STRATUS_LOG_FORMAT", default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate a config: exit 0, or 64 listing every problem.
     Check {
@@ -72,18 +75,35 @@ enum Command {
     },
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `TIME LEVEL target: message key=value …`
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`.
+    Json,
+}
+
+/// What is logged unless `RUST_LOG` says otherwise: stratus's own lines (startup, reloads,
+/// the access log on target `stratus::access`) from info, everything else from warn.
+const DEFAULT_LOG_FILTER: &str = "warn,stratus=info,stratus_node=info,pingora_cache::meta=error";
+
 /// Logs go through `tracing` (Pingora's `log` records too, via tracing-subscriber's log bridge)
-/// to stderr, filtered by
-/// `RUST_LOG` (default `warn`). Request log lines carry `trace_id` and `span_id`.
-fn init_logging() {
+/// to stderr, filtered by `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]). Request log lines carry
+/// `trace_id`.
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pingora_cache::meta=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
 
 /// The helper servers behind hidden commands, for benchmarks.
@@ -148,7 +168,11 @@ fn watch_parent() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let format = match &cli.command {
+        Command::Run { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(format);
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(cfg) => {
@@ -180,6 +204,7 @@ fn main() -> ExitCode {
             upgrade,
             upgrade_sock,
             exit_with_parent,
+            log_format: _,
         } => {
             if exit_with_parent {
                 watch_parent();

@@ -3,25 +3,46 @@
 //! Counters are lock-free atomics, so the request path pays an increment and never waits.
 //! Store gauges are read from the store when `/metrics` is scraped, not kept twice.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 use crate::store::Store;
+
+/// Latency buckets in seconds: a hot hit (sub-millisecond) to the longest origin wait.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// The node's metrics.
 pub struct Metrics {
     registry: Registry,
     /// `stratus_requests_total{cache, code}`: client requests by cache outcome and status.
     pub requests: IntCounterVec,
+    /// `stratus_request_duration_seconds{cache}`: client request durations.
+    pub request_duration: HistogramVec,
+    /// `stratus_upstream_duration_seconds{hop}`: upstream attempts, to headers or failure.
+    pub upstream_duration: HistogramVec,
+    /// `stratus_bytes_sent_total`: response body bytes sent to clients.
+    pub bytes_sent: IntCounter,
+    /// `stratus_bytes_received_total`: request body bytes received from clients.
+    pub bytes_received: IntCounter,
+    /// `stratus_internal_requests_total{kind}`: probes, refreshes, purges from lowers.
+    pub internal_requests: IntCounterVec,
     /// `stratus_origin_requests_total`: requests this node sent to an origin.
     pub origin_requests: IntCounter,
     /// `stratus_upper_requests_total{upper, outcome}`: requests sent to upper nodes.
     pub upper_requests: IntCounterVec,
     /// `stratus_upper_up{upper}`: 1 while an upper member takes traffic, 0 while down.
-    pub upper_up: prometheus::IntGaugeVec,
+    pub upper_up: IntGaugeVec,
     /// `stratus_spans_dropped_total`: spans dropped because the export queue was full.
     pub spans_dropped: IntCounter,
+    /// `stratus_span_exports_failed_total`: export calls that failed.
+    pub span_exports_failed: IntCounter,
     /// `stratus_upper_down_reason{upper, reason}`: 1 for each down member, labelled with why.
-    pub upper_down_reason: prometheus::IntGaugeVec,
+    pub upper_down_reason: IntGaugeVec,
     /// `stratus_context_refusals_total{reason}`: control contexts an upper refused.
     pub context_refusals: IntCounterVec,
     /// `stratus_health_reports_dropped_total`: outcome reports lost to a full health queue.
@@ -38,108 +59,238 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     cache_objects: IntGauge,
     cache_bytes: IntGauge,
+    cache_evictions: IntCounter,
     telemetry: parking_lot::Mutex<Option<stratus_tracing::Telemetry>>,
 }
 
+/// Registers `metric` and hands it back.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> prometheus::Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// Raises a counter to a total kept elsewhere (the store, the exporter).
+fn catch_up(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
+}
+
 impl Metrics {
-    /// Registers every metric. Fails only if two metrics share a name, which is a bug.
-    pub fn new() -> prometheus::Result<Metrics> {
+    /// Registers every metric for node `node`. Fails only if two metrics share a name, which
+    /// is a bug.
+    pub fn new(node: &str) -> prometheus::Result<Metrics> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "stratus_requests_total",
-                "Client requests by cache outcome and status code",
-            ),
-            &["cache", "code"],
+        let r = &registry;
+        let requests = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "stratus_requests_total",
+                    "Client requests by cache outcome and status code (probes, refreshes and purges from lowers are counted in stratus_internal_requests_total)",
+                ),
+                &["cache", "code"],
+            )?,
         )?;
-        let origin_requests = IntCounter::new(
-            "stratus_origin_requests_total",
-            "Requests this node sent to an origin",
+        let request_duration = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "stratus_request_duration_seconds",
+                    "Client request duration, from its header to the last byte sent, by cache outcome",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["cache"],
+            )?,
         )?;
-        let upper_requests = IntCounterVec::new(
-            Opts::new(
-                "stratus_upper_requests_total",
-                "Requests sent to upper-tier nodes by outcome",
-            ),
-            &["upper", "outcome"],
+        let upstream_duration = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "stratus_upstream_duration_seconds",
+                    "Upstream attempts, from the attempt's start to its response header or its failure, by hop kind (upper, origin)",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["hop"],
+            )?,
         )?;
-        let upper_up = prometheus::IntGaugeVec::new(
-            Opts::new(
-                "stratus_upper_up",
-                "1 while an upper member takes traffic, 0 while down",
-            ),
-            &["upper"],
+        let bytes_sent = register(
+            r,
+            IntCounter::new(
+                "stratus_bytes_sent_total",
+                "Response body bytes sent to clients",
+            )?,
         )?;
-        let spans_dropped = IntCounter::new(
-            "stratus_spans_dropped_total",
-            "Spans dropped because the export queue was full",
+        let bytes_received = register(
+            r,
+            IntCounter::new(
+                "stratus_bytes_received_total",
+                "Request body bytes received from clients",
+            )?,
         )?;
-        let upper_down_reason = prometheus::IntGaugeVec::new(
-            Opts::new(
-                "stratus_upper_down_reason",
-                "1 for each down upper member, labelled with why it is down",
-            ),
-            &["upper", "reason"],
+        let internal_requests = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "stratus_internal_requests_total",
+                    "Requests the fleet makes of itself, by kind: probe (readiness), refresh (background revalidation), purge (from a lower)",
+                ),
+                &["kind"],
+            )?,
         )?;
-        let context_refusals = IntCounterVec::new(
-            Opts::new(
-                "stratus_context_refusals_total",
-                "Control contexts this upper refused, by reason",
-            ),
-            &["reason"],
+        for kind in ["probe", "refresh", "purge"] {
+            internal_requests.with_label_values(&[kind]);
+        }
+        let origin_requests = register(
+            r,
+            IntCounter::new(
+                "stratus_origin_requests_total",
+                "Requests this node sent to an origin",
+            )?,
         )?;
-        let health_reports_dropped = IntCounter::new(
-            "stratus_health_reports_dropped_total",
-            "Upstream outcome reports dropped because the health task's queue was full",
+        let upper_requests = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "stratus_upper_requests_total",
+                    "Requests sent to upper-tier nodes by outcome",
+                ),
+                &["upper", "outcome"],
+            )?,
         )?;
-        let replay_cache_entries = IntGauge::new(
-            "stratus_replay_cache_entries",
-            "Context nonces remembered to refuse replays",
+        let upper_up = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "stratus_upper_up",
+                    "1 while an upper member takes traffic, 0 while down",
+                ),
+                &["upper"],
+            )?,
         )?;
-        let replay_cache_bytes = IntGauge::new(
-            "stratus_replay_cache_bytes",
-            "Estimated bytes held by the replay cache",
+        let spans_dropped = register(
+            r,
+            IntCounter::new(
+                "stratus_spans_dropped_total",
+                "Spans dropped because the export queue was full",
+            )?,
         )?;
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
-                "stratus_config_reloads_total",
-                "Config reloads by result: ok, rejected (invalid) or refused (needs a restart)",
-            ),
-            &["result"],
+        let span_exports_failed = register(
+            r,
+            IntCounter::new(
+                "stratus_span_exports_failed_total",
+                "Span export calls that failed (their spans are lost)",
+            )?,
+        )?;
+        let upper_down_reason = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "stratus_upper_down_reason",
+                    "1 for each down upper member, labelled with why it is down",
+                ),
+                &["upper", "reason"],
+            )?,
+        )?;
+        let context_refusals = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "stratus_context_refusals_total",
+                    "Control contexts this upper refused, by reason",
+                ),
+                &["reason"],
+            )?,
+        )?;
+        let health_reports_dropped = register(
+            r,
+            IntCounter::new(
+                "stratus_health_reports_dropped_total",
+                "Upstream outcome reports dropped because the health task's queue was full",
+            )?,
+        )?;
+        let replay_cache_entries = register(
+            r,
+            IntGauge::new(
+                "stratus_replay_cache_entries",
+                "Context nonces remembered to refuse replays",
+            )?,
+        )?;
+        let replay_cache_bytes = register(
+            r,
+            IntGauge::new(
+                "stratus_replay_cache_bytes",
+                "Estimated bytes held by the replay cache",
+            )?,
+        )?;
+        let config_reloads = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "stratus_config_reloads_total",
+                    "Config reloads by result: ok, rejected (invalid) or refused (needs a restart)",
+                ),
+                &["result"],
+            )?,
         )?;
         for result in ["ok", "rejected", "refused"] {
             config_reloads.with_label_values(&[result]);
         }
-        let in_flight = IntGauge::new(
-            "stratus_requests_in_flight",
-            "Requests and upgraded connections being served now",
+        let in_flight = register(
+            r,
+            IntGauge::new(
+                "stratus_requests_in_flight",
+                "Requests and upgraded connections being served now",
+            )?,
         )?;
-        let cache_objects = IntGauge::new("stratus_cache_objects", "Objects in the cache")?;
-        let cache_bytes = IntGauge::new(
-            "stratus_cache_bytes",
-            "Bytes held by the cache, as weighed against its capacity",
+        let build_info = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "stratus_build_info",
+                    "Always 1; the labels say which build runs as which node",
+                ),
+                &["version", "node"],
+            )?,
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(origin_requests.clone()))?;
-        registry.register(Box::new(upper_requests.clone()))?;
-        registry.register(Box::new(upper_up.clone()))?;
-        registry.register(Box::new(spans_dropped.clone()))?;
-        registry.register(Box::new(upper_down_reason.clone()))?;
-        registry.register(Box::new(context_refusals.clone()))?;
-        registry.register(Box::new(health_reports_dropped.clone()))?;
-        registry.register(Box::new(replay_cache_entries.clone()))?;
-        registry.register(Box::new(replay_cache_bytes.clone()))?;
-        registry.register(Box::new(config_reloads.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        registry.register(Box::new(cache_objects.clone()))?;
-        registry.register(Box::new(cache_bytes.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), node])
+            .set(1);
+        let cache_objects = register(
+            r,
+            IntGauge::new("stratus_cache_objects", "Objects in the cache")?,
+        )?;
+        let cache_bytes = register(
+            r,
+            IntGauge::new(
+                "stratus_cache_bytes",
+                "Bytes held by the cache, as weighed against its capacity",
+            )?,
+        )?;
+        let cache_evictions = register(
+            r,
+            IntCounter::new(
+                "stratus_cache_evictions_total",
+                "Objects evicted to stay within capacity (expiry and purges not counted)",
+            )?,
+        )?;
         Ok(Metrics {
             registry,
             requests,
+            request_duration,
+            upstream_duration,
+            bytes_sent,
+            bytes_received,
+            internal_requests,
             origin_requests,
             upper_requests,
             upper_up,
             spans_dropped,
+            span_exports_failed,
             upper_down_reason,
             context_refusals,
             health_reports_dropped,
@@ -149,6 +300,7 @@ impl Metrics {
             in_flight,
             cache_objects,
             cache_bytes,
+            cache_evictions,
             telemetry: parking_lot::Mutex::new(None),
         })
     }
@@ -158,16 +310,14 @@ impl Metrics {
         *self.telemetry.lock() = Some(telemetry);
     }
 
-    /// The Prometheus text exposition, with store gauges and the span-drop count read now.
+    /// The Prometheus text exposition, with store gauges and exporter counts read now.
     pub fn render(&self, store: &Store) -> String {
         if let Some(t) = self.telemetry.lock().as_ref() {
-            let dropped = t.dropped_spans();
-            let seen = self.spans_dropped.get();
-            if dropped > seen {
-                self.spans_dropped.inc_by(dropped - seen);
-            }
+            catch_up(&self.spans_dropped, t.dropped_spans());
+            catch_up(&self.span_exports_failed, t.failed_exports());
         }
         let usage = store.usage();
+        catch_up(&self.cache_evictions, usage.evictions);
         self.cache_objects
             .set(i64::try_from(usage.objects).unwrap_or(i64::MAX));
         self.cache_bytes

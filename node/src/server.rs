@@ -39,11 +39,17 @@ pub struct Node {
     pub server: Server,
     /// Span export, flushed after the server stops.
     pub telemetry: Telemetry,
+    /// The config it started with, for its startup lines.
+    config: Arc<Config>,
 }
 
 impl Node {
     /// Runs until SIGTERM (graceful) or SIGINT, then flushes spans within a bounded time.
     pub fn run(self) {
+        let c = &self.config;
+        for (service, addr) in [("proxy", c.node.listen), ("admin", c.node.admin_listen)] {
+            tracing::info!(node = %c.node.name, role = c.node.role.as_str(), service, %addr, "listening");
+        }
         self.server.run(RunArgs::default());
         self.telemetry.shutdown(SHUTDOWN_FLUSH);
     }
@@ -127,7 +133,7 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     let store = Store::new(config.cache.capacity)
         .with_max_object_size(config.cache.max_object_size)
         .leak();
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::new(&config.node.name)?);
 
     let tier = Tier::from_config(&config, metrics.clone())?;
     // Built after bootstrap; stratus never daemonizes, so the export thread survives.
@@ -173,5 +179,9 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
         let reloader = Reloader::new(path, live, tier, dns, store, metrics);
         server.add_service(background_service("stratus-reload", reloader));
     }
-    Ok(Node { server, telemetry })
+    Ok(Node {
+        server,
+        telemetry,
+        config,
+    })
 }

@@ -165,6 +165,8 @@ pub struct StoreUsage {
     /// Weighted bytes of finished objects plus bytes of fills in progress, as counted against
     /// `capacity`.
     pub bytes: u64,
+    /// Objects evicted to stay within `capacity` since start (expiry and purges not counted).
+    pub evictions: u64,
 }
 
 /// The bytes-bounded object store. Create one per process and leak it: pingora wants `&'static`.
@@ -180,6 +182,8 @@ pub struct Store {
     max_object: AtomicUsize,
     /// Bytes held by fills in progress that may still be stored, and their share of capacity.
     filling: AtomicU64,
+    /// Objects moka evicted for size.
+    evictions: Arc<AtomicU64>,
     fill_budget: u64,
     /// The stored keys (variants) of each URL (primary key): added on insert, removed by
     /// moka's eviction listener (expiry, eviction, purge; a replacement keeps its key). It
@@ -252,12 +256,19 @@ impl Store {
         let fill_budget = capacity / 4;
         let variants: Arc<Mutex<HashMap<HashBinary, HashSet<HashBinary>>>> = Arc::default();
         let index = variants.clone();
+        let evictions: Arc<AtomicU64> = Arc::default();
+        let evicted = evictions.clone();
         let done = moka::sync::Cache::builder()
             .max_capacity(capacity - fill_budget)
             .weigher(|_k: &HashBinary, v: &Stored| v.weight())
             .eviction_listener(move |k: Arc<HashBinary>, v: Stored, cause| {
-                if cause == moka::notification::RemovalCause::Replaced {
-                    return; // the key is stored still, with a new value
+                use moka::notification::RemovalCause;
+                match cause {
+                    RemovalCause::Replaced => return, // the key is stored still, with a new value
+                    RemovalCause::Size => {
+                        evicted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    RemovalCause::Expired | RemovalCause::Explicit => {}
                 }
                 let mut index = index.lock();
                 if let Some(keys) = index.get_mut(&v.primary) {
@@ -279,6 +290,7 @@ impl Store {
             filling: AtomicU64::new(0),
             fill_budget,
             variants,
+            evictions,
         }
     }
 
@@ -315,6 +327,7 @@ impl Store {
         StoreUsage {
             objects: self.done.entry_count(),
             bytes: self.done.weighted_size() + self.filling.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
         }
     }
 

@@ -574,7 +574,7 @@ address = "127.0.0.1:9000"
             Path::new("."),
         )
         .expect("valid upper config");
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let metrics = Arc::new(Metrics::new("test").expect("metrics"));
         Tier::build(&config, metrics, limit, ttl)
             .expect("tier")
             .expect("upper has a tier")

@@ -204,3 +204,106 @@ async fn sigterm_finishes_what_is_in_flight_and_returns_without_waiting_out_the_
         "SIGTERM waited {took:?}, as if for the whole 30 s grace period"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_client_request_is_logged_once_and_measured_apart_from_the_fleets_own() {
+    let origin = TestOrigin::start().await.expect("origin");
+    origin.fixed(
+        "/a",
+        Reply::ok("aaaa").header("cache-control", "max-age=600"),
+    );
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 1,
+        origins: vec![OriginEntry::new("example.test", origin.addr())],
+        lower_tier_extra: String::new(),
+        common_extra: String::new(),
+    };
+    let mut fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    let (lower, upper) = (&fleet.lowers[0], &fleet.uppers[0]);
+    for _ in 0..2 {
+        let r = client::get(lower.listen, "example.test", "/a", &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200);
+    }
+    // Probes run every 200 ms in the harness: let a few reach the upper.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let log = lower.log();
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stratus::access"))
+        .collect();
+    assert_eq!(access.len(), 2, "one line per client request:\n{log}");
+    for field in [
+        "method=GET",
+        "host=example.test",
+        "path=/a",
+        "status=200",
+        "bytes=4",
+    ] {
+        assert!(access.iter().all(|l| l.contains(field)), "{field}:\n{log}");
+    }
+    assert!(access[0].contains("cache=\"miss\"") && access[0].contains("upstream=127.0.0.1:"));
+    assert!(access[1].contains("cache=\"hit\"") && access[1].contains("upstream=-"));
+    assert!(
+        log.contains("listening"),
+        "a startup line per listener:\n{log}"
+    );
+    for node in [lower, upper] {
+        assert!(!node.log().contains(" ERROR "), "{}", node.log());
+    }
+
+    // The upper served one client request (the lower's miss) and many probes, counted apart.
+    let upper_requests = upper
+        .metric("stratus_requests_total")
+        .await
+        .expect("metrics");
+    assert_eq!(upper_requests, 1.0);
+    let probes = upper
+        .metric("stratus_internal_requests_total{kind=\"probe\"}")
+        .await
+        .expect("metrics");
+    assert!(probes >= 2.0, "{probes} probes");
+    let durations = lower
+        .metric("stratus_request_duration_seconds_count")
+        .await
+        .expect("metrics");
+    assert_eq!(durations, 2.0);
+    let upstream = lower
+        .metric("stratus_upstream_duration_seconds_count{hop=\"upper\"}")
+        .await
+        .expect("metrics");
+    assert_eq!(upstream, 1.0);
+    assert_eq!(
+        lower.metric("stratus_bytes_sent_total").await.expect("m"),
+        8.0
+    );
+    let build = format!(
+        "stratus_build_info{{node=\"edge-1\",version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(lower.metric(&build).await.expect("m"), 1.0);
+    assert_eq!(upper.metric("stratus_upper_up").await.expect("m"), 0.0);
+    assert_eq!(lower.metric("stratus_upper_up").await.expect("m"), 1.0);
+
+    // JSON lines, one object each.
+    let lower = &mut fleet.lowers[0];
+    lower.set_env("STRATUS_LOG_FORMAT", "json");
+    lower.restart().await.expect("restart");
+    let r = client::get(lower.listen, "example.test", "/a", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(r.status, 200);
+    let log = lower.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("stratus::access"))
+        .expect("an access line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON object");
+    assert_eq!(v["target"], "stratus::access");
+    assert_eq!(v["fields"]["status"], 200);
+    assert_eq!(v["fields"]["path"], "/a");
+}

@@ -71,6 +71,8 @@ pub enum TelemetryError {
 struct Counters {
     in_flight: AtomicU64,
     dropped: AtomicU64,
+    /// Export calls that failed (collector down, refused, timed out); their spans are lost.
+    failed_exports: AtomicU64,
 }
 
 /// The node's telemetry: a tracer (or none, when tracing is off) and the drop counter.
@@ -195,6 +197,11 @@ impl Telemetry {
         self.counters.dropped.load(Ordering::Relaxed)
     }
 
+    /// Export calls that failed since start (each lost its batch of spans).
+    pub fn failed_exports(&self) -> u64 {
+        self.counters.failed_exports.load(Ordering::Relaxed)
+    }
+
     /// Spans ended but not yet handed to the exporter.
     pub fn spans_in_flight(&self) -> u64 {
         self.counters.in_flight.load(Ordering::Relaxed)
@@ -268,6 +275,9 @@ impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len() as u64;
         let result = self.inner.export(batch).await;
+        if result.is_err() {
+            self.counters.failed_exports.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = self
             .counters
             .in_flight

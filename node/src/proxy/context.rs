@@ -150,19 +150,30 @@ impl Default for TraceState {
 
 /// One request counted in flight: the gauge goes up when it is made and down when the
 /// request's context is dropped (after logging, or when an upgraded connection ends).
-pub struct InFlight(prometheus::IntGauge);
+pub struct InFlight {
+    gauge: prometheus::IntGauge,
+    started: Instant,
+}
 
 impl InFlight {
-    /// Counts a request in `gauge`.
+    /// Counts a request in `gauge`, from now.
     pub fn enter(gauge: &prometheus::IntGauge) -> InFlight {
         gauge.inc();
-        InFlight(gauge.clone())
+        InFlight {
+            gauge: gauge.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// When the request's header had been read and its context was made.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 

@@ -247,6 +247,7 @@ impl Proxy {
             }
         }
         ctx.progress.upstream_status = Some(status);
+        self.time_attempt(ctx);
         if status == 304 {
             ctx.progress.not_modified = Some(crate::policy::freshening_fields(upstream));
         }
@@ -283,6 +284,10 @@ impl Proxy {
             replayable,
             hops_left: resend_possible || self.has_next_hop(ctx),
         };
+        if ctx.progress.upstream_status.is_none() {
+            // Not timed yet: the attempt ends here, without headers.
+            self.time_attempt(ctx);
+        }
         let verdict = decide(&failure);
         ctx.progress.resend_same = resend_possible && verdict.retry && verdict.blame == Party::Node;
         ctx.progress.failure = Some((failure, verdict));
@@ -291,6 +296,21 @@ impl Proxy {
         }
         self.trace_failed_attempt(ctx, super::error_type(e), verdict.retry);
         verdict
+    }
+
+    /// Observes the current attempt in `stratus_upstream_duration_seconds`: from its start to
+    /// its response header, or to its failure before one.
+    fn time_attempt(&self, ctx: &Ctx) {
+        if let Some(attempt) = ctx.progress.attempts.last() {
+            let hop = match attempt.hop {
+                Hop::Upper(_) => "upper",
+                Hop::Origin => "origin",
+            };
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[hop])
+                .observe(attempt.started.elapsed().as_secs_f64());
+        }
     }
 
     /// Reports the current attempt's outcome if it went to an upper member.

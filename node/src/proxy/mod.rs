@@ -11,6 +11,7 @@
 //! [`admission`], [`hop`] (next hop and failures), [`local`] (responses we write ourselves)
 //! and [`trace`] (read-only facts for the observer).
 
+mod account;
 mod admission;
 mod context;
 mod hop;
@@ -253,6 +254,11 @@ impl ProxyHttp for Proxy {
         e
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // A client that went away is routine, not an error to page on: the access log has it.
+        error.esource() == &ErrorSource::Downstream
+    }
+
     fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
         // Pingora's per-request error lines carry this: add the trace to find them in Jaeger.
         let base = session.as_ref().request_summary();
@@ -277,11 +283,7 @@ impl ProxyHttp for Proxy {
         };
         self.finish_trace(session, e, ctx, code);
         self.remember_too_large(session);
-        let code = code.to_string();
-        self.metrics
-            .requests
-            .with_label_values(&[cache, code.as_str()])
-            .inc();
+        self.account(session, ctx, cache, code);
     }
 }
 
