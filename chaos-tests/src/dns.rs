@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 
 #[derive(Default)]
 struct Zone {
-    /// Lowercase name without the final dot → (address, TTL in seconds).
-    records: HashMap<String, (Ipv4Addr, u32)>,
+    /// Lowercase name without the final dot → (addresses, TTL in seconds).
+    records: HashMap<String, (Vec<Ipv4Addr>, u32)>,
     /// `A` queries received per name.
     queries: HashMap<String, usize>,
 }
@@ -68,10 +68,16 @@ impl TestDns {
 
     /// Answers `name` with `ip`, valid for `ttl` seconds.
     pub fn set(&self, name: &str, ip: Ipv4Addr, ttl: u32) {
-        self.zone
-            .lock()
-            .records
-            .insert(name.trim_end_matches('.').to_ascii_lowercase(), (ip, ttl));
+        self.set_all(name, &[ip], ttl);
+    }
+
+    /// Answers `name` with every address in `ips` (none: the name exists, without addresses),
+    /// valid for `ttl` seconds.
+    pub fn set_all(&self, name: &str, ips: &[Ipv4Addr], ttl: u32) {
+        self.zone.lock().records.insert(
+            name.trim_end_matches('.').to_ascii_lowercase(),
+            (ips.to_vec(), ttl),
+        );
     }
 
     /// `A` queries received for `name` so far.
@@ -107,12 +113,14 @@ fn answer(query: &Message, zone: &Mutex<Zone>) -> Option<Vec<u8>> {
         *zone.queries.entry(key.clone()).or_default() += 1;
     }
     match zone.records.get(&key) {
-        Some((ip, ttl)) if question.query_type() == RecordType::A => {
-            reply.add_answer(Record::from_rdata(
-                question.name().clone(),
-                *ttl,
-                RData::A(A(*ip)),
-            ));
+        Some((ips, ttl)) if question.query_type() == RecordType::A => {
+            for ip in ips {
+                reply.add_answer(Record::from_rdata(
+                    question.name().clone(),
+                    *ttl,
+                    RData::A(A(*ip)),
+                ));
+            }
         }
         Some(_) => {}
         None => reply.metadata.response_code = ResponseCode::NXDomain,

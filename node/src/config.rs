@@ -101,6 +101,13 @@ pub struct UpperMember {
     pub name: Option<String>,
 }
 
+impl TierConfig {
+    /// Whether upper members are configured, by address or by DNS name.
+    pub fn has_upper(&self) -> bool {
+        !self.upper.is_empty() || !self.upper_dns.is_empty()
+    }
+}
+
 impl UpperMember {
     /// The recipient named in control contexts sent to this member.
     pub fn recipient(&self) -> String {
@@ -108,13 +115,27 @@ impl UpperMember {
     }
 }
 
+/// One `[tier].upper` entry `{ dns = "name:port", weight }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsMember {
+    /// The name whose A/AAAA records are the members' addresses.
+    pub name: String,
+    /// The members' data-listener port.
+    pub port: u16,
+    /// Share of keys of each member it resolves to.
+    pub weight: u32,
+}
+
 /// `[tier]`.
 #[derive(Debug, Clone)]
 pub struct TierConfig {
     /// Fleet secret for control-context authentication, at least 32 bytes.
     pub secret: Vec<u8>,
-    /// Upper members (lower nodes only).
+    /// Upper members given by address (lower nodes only).
     pub upper: Vec<UpperMember>,
+    /// Upper members given by a DNS name: every address it resolves to is a member (a
+    /// Kubernetes headless service), re-resolved when the answer's TTL runs out.
+    pub upper_dns: Vec<DnsMember>,
     /// Policy when every upper member is down.
     pub on_all_upper_down: AllUpperDown,
     /// Connect timeout to an upper node.
@@ -587,7 +608,7 @@ impl Config {
                     key: "tier".into(),
                     message: "is required for role \"upper\"".into(),
                 }),
-                (Role::Upper, Some(t)) if !t.upper.is_empty() => problems.push(Problem {
+                (Role::Upper, Some(t)) if t.has_upper() => problems.push(Problem {
                     key: "tier.upper".into(),
                     message: "only lower nodes list upper members".into(),
                 }),
@@ -669,7 +690,7 @@ impl Config {
 
     fn derived_notes(&self) -> Vec<String> {
         match &self.tier {
-            Some(t) if t.read_timeout_derived && !t.upper.is_empty() => vec![format!(
+            Some(t) if t.read_timeout_derived && t.has_upper() => vec![format!(
                 "tier.read_timeout: not set; derived {:?} = the longest [[origin]] connect_timeout + read_timeout ({:?}) + {:?}, so an upper answers about a slow origin before this node gives up on the upper",
                 t.read_timeout,
                 origin_wait(&self.origins),
@@ -713,7 +734,7 @@ fn nest_tier_timeouts(t: &mut TierConfig, origins: &[OriginConfig], problems: &m
     let wait = origin_wait(origins);
     if t.read_timeout_derived {
         t.read_timeout = wait + TIER_NEST_MARGIN;
-    } else if !t.upper.is_empty() && t.read_timeout <= wait {
+    } else if t.has_upper() && t.read_timeout <= wait {
         problems.push(Problem {
             key: "tier.read_timeout".into(),
             message: format!(
@@ -872,16 +893,30 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
         );
     }
     let mut upper = Vec::new();
+    let mut upper_dns: Vec<DnsMember> = Vec::new();
     match s.raw("upper") {
         None => {}
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 match read_member(item) {
-                    Ok(m) if upper.iter().any(|u: &UpperMember| u.addr == m.addr) => s.problem(
-                        &format!("upper[{i}]"),
-                        format!("{} is listed twice", m.addr),
-                    ),
-                    Ok(m) => upper.push(m),
+                    Ok(Listed::Addr(m)) if upper.iter().any(|u: &UpperMember| u.addr == m.addr) => {
+                        s.problem(
+                            &format!("upper[{i}]"),
+                            format!("{} is listed twice", m.addr),
+                        )
+                    }
+                    Ok(Listed::Addr(m)) => upper.push(m),
+                    Ok(Listed::Dns(d))
+                        if upper_dns
+                            .iter()
+                            .any(|u| u.name == d.name && u.port == d.port) =>
+                    {
+                        s.problem(
+                            &format!("upper[{i}]"),
+                            format!("{}:{} is listed twice", d.name, d.port),
+                        )
+                    }
+                    Ok(Listed::Dns(d)) => upper_dns.push(d),
                     Err(msg) => s.problem(&format!("upper[{i}]"), msg),
                 }
             }
@@ -916,6 +951,7 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     TierConfig {
         secret,
         upper,
+        upper_dns,
         on_all_upper_down,
         connect_timeout,
         read_timeout,
@@ -927,28 +963,30 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     }
 }
 
-fn read_member(item: &Value) -> Result<UpperMember, String> {
+/// One `[tier].upper` entry: a member by address, or a DNS name standing for several.
+enum Listed {
+    Addr(UpperMember),
+    Dns(DnsMember),
+}
+
+fn read_member(item: &Value) -> Result<Listed, String> {
     let parse = |s: &str| {
         s.parse::<SocketAddr>()
             .map_err(|_| format!("must be IP:port, found {s:?}"))
     };
     match item {
-        Value::String(s) => Ok(UpperMember {
+        Value::String(s) => Ok(Listed::Addr(UpperMember {
             addr: parse(s)?,
             weight: 1,
             name: None,
-        }),
+        })),
         Value::Table(t) => {
             if let Some(k) = t
                 .keys()
-                .find(|k| !matches!(k.as_str(), "addr" | "weight" | "name"))
+                .find(|k| !matches!(k.as_str(), "addr" | "dns" | "weight" | "name"))
             {
                 return Err(format!("unknown key {k:?}"));
             }
-            let addr = match t.get("addr") {
-                Some(Value::String(s)) => parse(s)?,
-                _ => return Err("needs addr = \"IP:port\"".into()),
-            };
             let weight = match t.get("weight") {
                 None => 1,
                 Some(Value::Integer(w)) if (1..=1000).contains(w) => *w as u32,
@@ -959,13 +997,48 @@ fn read_member(item: &Value) -> Result<UpperMember, String> {
                 Some(Value::String(n)) if valid_name(n) => Some(n.clone()),
                 Some(_) => return Err("name must match [A-Za-z0-9._-]{1,64}".into()),
             };
-            Ok(UpperMember { addr, weight, name })
+            match (t.get("addr"), t.get("dns")) {
+                (Some(Value::String(s)), None) => Ok(Listed::Addr(UpperMember {
+                    addr: parse(s)?,
+                    weight,
+                    name,
+                })),
+                (None, Some(Value::String(d))) if name.is_none() => {
+                    let (host, port) = d
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                        .filter(|(h, p)| *p > 0 && valid_dns_name(h))
+                        .ok_or_else(|| format!("dns must be \"name:port\", found {d:?}"))?;
+                    Ok(Listed::Dns(DnsMember {
+                        name: host.to_ascii_lowercase(),
+                        port,
+                        weight,
+                    }))
+                }
+                (None, Some(Value::String(_))) => Err(
+                    "a dns member takes no name: contexts go to each address it resolves to".into(),
+                ),
+                _ => Err("needs addr = \"IP:port\" or dns = \"name:port\"".into()),
+            }
         }
         other => Err(format!(
-            "must be \"IP:port\" or {{ addr, weight, name }}, found {}",
+            "must be \"IP:port\", {{ addr, weight, name }} or {{ dns, weight }}, found {}",
             other.type_str()
         )),
     }
+}
+
+/// A host name (not an IP address): dot-separated labels of letters, digits and hyphens.
+fn valid_dns_name(host: &str) -> bool {
+    host.parse::<IpAddr>().is_err()
+        && host.len() <= 253
+        && host.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn read_origins(v: Option<&Value>, problems: &mut Vec<Problem>) -> Vec<OriginConfig> {

@@ -7,7 +7,7 @@
 //! `/etc/hosts` like libc, and runs on the proxy's own runtime. The address only ever comes
 //! from the config file, never from a request.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
@@ -28,7 +28,10 @@ pub enum DnsError {
     /// No answer within the time allowed (the origin's connect timeout).
     #[error("resolving {0}: no answer within {1:?}")]
     TimedOut(String, Duration),
-    /// The name servers answered, without an address (or failed).
+    /// The name servers answered: no such name, or no address for it.
+    #[error("resolving {0}: no address ({1})")]
+    NoAddress(String, String),
+    /// No usable answer (the servers failed or refused).
     #[error("resolving {0}: {1}")]
     Failed(String, String),
 }
@@ -69,6 +72,37 @@ impl Dns {
         Ok(Dns { resolver })
     }
 
+    async fn lookup(
+        &self,
+        name: &str,
+        budget: Duration,
+    ) -> Result<hickory_resolver::lookup_ip::LookupIp, DnsError> {
+        tokio::time::timeout(budget, self.resolver.lookup_ip(name))
+            .await
+            .map_err(|_| DnsError::TimedOut(name.to_string(), budget))?
+            .map_err(|e| {
+                if e.is_nx_domain() || e.is_no_records_found() {
+                    DnsError::NoAddress(name.to_string(), e.to_string())
+                } else {
+                    DnsError::Failed(name.to_string(), e.to_string())
+                }
+            })
+    }
+
+    /// Every address `name` resolves to, and how long the answer stays valid (its TTL, or
+    /// what is left of it when it came from the cache), within `budget`.
+    pub async fn lookup_all(
+        &self,
+        name: &str,
+        budget: Duration,
+    ) -> Result<(Vec<IpAddr>, Duration), DnsError> {
+        let answer = self.lookup(name, budget).await?;
+        let valid = answer
+            .valid_until()
+            .saturating_duration_since(Instant::now());
+        Ok((answer.iter().collect(), valid))
+    }
+
     /// The socket address of `address` (`IP:port` at once, `name:port` through the cache or
     /// the name servers), within `budget`; also returns what is left of the budget.
     pub async fn resolve(
@@ -85,14 +119,11 @@ impl Dns {
             .filter(|(name, _)| !name.is_empty())
             .ok_or_else(|| DnsError::BadAddress(address.to_string()))?;
         let started = Instant::now();
-        let answer = tokio::time::timeout(budget, self.resolver.lookup_ip(name))
-            .await
-            .map_err(|_| DnsError::TimedOut(name.to_string(), budget))?
-            .map_err(|e| DnsError::Failed(name.to_string(), e.to_string()))?;
+        let answer = self.lookup(name, budget).await?;
         let ip = answer
             .iter()
             .next()
-            .ok_or_else(|| DnsError::Failed(name.to_string(), "no addresses".into()))?;
+            .ok_or_else(|| DnsError::NoAddress(name.to_string(), "empty answer".into()))?;
         Ok((
             SocketAddr::new(ip, port),
             budget.saturating_sub(started.elapsed()),

@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod errors;
+pub mod membership;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -14,6 +14,7 @@ use stratus_tracing::{ExportSettings, Telemetry};
 use crate::admin::Admin;
 use crate::config::{Config, Live, Role};
 use crate::dns::Dns;
+use crate::membership::DnsMembership;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
@@ -165,7 +166,11 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     if let Some(tier) = tier.clone().filter(|_| config.node.role == Role::Lower) {
         server.add_service(background_service(
             "stratus-health",
-            HealthTask::new(tier, metrics.clone()),
+            HealthTask::new(tier.clone(), metrics.clone()),
+        ));
+        server.add_service(background_service(
+            "stratus-membership",
+            DnsMembership::new(tier, dns.clone()),
         ));
     }
     server.add_service(background_service(

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, Role, TierConfig};
+use crate::config::{Config, Role, TierConfig, UpperMember};
 use crate::metrics::Metrics;
 
 /// The health endpoint every node answers on its data listener.
@@ -65,6 +65,12 @@ pub struct Tier {
     pub secret: FleetSecret,
     /// Settings from `[tier]`, replaced whole by a reload.
     settings: ArcSwap<TierConfig>,
+    /// Members found through `[tier].upper` DNS names (by the membership task).
+    resolved: ArcSwap<Vec<UpperMember>>,
+    /// Wakes the membership task when a reload changed the DNS names.
+    names_changed: tokio::sync::Notify,
+    /// One membership change at a time, so the last published is the latest state.
+    publishing: tokio::sync::Mutex<()>,
     view: ArcSwap<TierView>,
     events: mpsc::Sender<HealthEvent>,
     /// The health task takes the book and the receiver when it starts and alone owns them.
@@ -103,7 +109,7 @@ impl Tier {
         let Some(settings) = config.tier.clone() else {
             return Ok(None);
         };
-        let ring = Ring::new(ring_members(&settings))?;
+        let ring = Ring::new(ring_members(&settings, &[]))?;
         let book = HealthBook::new(ring, settings.failure_threshold, settings.rise);
         for m in &settings.upper {
             // Every member has a gauge from the start, not only after its first change.
@@ -133,6 +139,9 @@ impl Tier {
             secret: FleetSecret::new(settings.secret.clone()),
             view: ArcSwap::from_pointee(book.view()),
             settings: ArcSwap::from_pointee(settings),
+            resolved: ArcSwap::from_pointee(Vec::new()),
+            names_changed: tokio::sync::Notify::new(),
+            publishing: tokio::sync::Mutex::new(()),
             events,
             receiver: Mutex::new(Some((book, receiver))),
             replays,
@@ -146,9 +155,10 @@ impl Tier {
         })))
     }
 
-    /// Whether this lower node routes misses to upper members.
+    /// Whether this lower node routes misses to upper members (by address or DNS name; a
+    /// name that resolves to nothing yet still means "only uppers go to origins").
     pub fn has_upper(&self) -> bool {
-        !self.settings.load().upper.is_empty()
+        self.settings.load().has_upper()
     }
 
     /// The `[tier]` settings in force.
@@ -160,16 +170,46 @@ impl Tier {
     /// and policy at once, new members and thresholds through the health task, which keeps
     /// the health of members that stay. Returns once the new ring routes requests.
     pub async fn reconfigure(&self, settings: TierConfig) -> anyhow::Result<()> {
-        let members = ring_members(&settings);
-        Ring::new(members.clone())?;
-        let (done, published) = tokio::sync::oneshot::channel();
-        let event =
-            HealthEvent::Reconfigure(members, settings.failure_threshold, settings.rise, done);
+        let _one = self.publishing.lock().await;
+        Ring::new(ring_members(&settings, &self.resolved.load()))?;
+        let names_changed = settings.upper_dns != self.settings.load().upper_dns;
         self.settings.store(Arc::new(settings));
+        if names_changed {
+            self.names_changed.notify_one();
+        }
+        self.publish_members().await
+    }
+
+    /// The members the DNS names resolve to now (the membership task's finding).
+    pub fn resolved(&self) -> Arc<Vec<UpperMember>> {
+        self.resolved.load_full()
+    }
+
+    /// Replaces the members found through DNS; returns once the new ring routes requests.
+    pub async fn set_resolved(&self, members: Vec<UpperMember>) -> anyhow::Result<()> {
+        let _one = self.publishing.lock().await;
+        Ring::new(ring_members(&self.settings.load(), &members))?;
+        self.resolved.store(Arc::new(members));
+        self.publish_members().await
+    }
+
+    /// Waits until a reload changes the DNS names.
+    pub async fn names_changed(&self) {
+        self.names_changed.notified().await;
+    }
+
+    /// Hands the health task the members of the settings and DNS in force; returns once it
+    /// published them. Callers hold `publishing`.
+    async fn publish_members(&self) -> anyhow::Result<()> {
         if self.node_role == Role::Upper {
             // An upper has no members and no health task.
             return Ok(());
         }
+        let settings = self.settings.load_full();
+        let members = ring_members(&settings, &self.resolved.load());
+        let (done, published) = tokio::sync::oneshot::channel();
+        let event =
+            HealthEvent::Reconfigure(members, settings.failure_threshold, settings.rise, done);
         let stopped = || anyhow::anyhow!("the health task is not running");
         self.events.send(event).await.map_err(|_| stopped())?;
         tokio::time::timeout(RECONFIGURE_WAIT, published)
@@ -437,16 +477,26 @@ fn fold(book: &mut HealthBook, event: HealthEvent) -> bool {
     }
 }
 
-/// The ring members of `[tier].upper`, in config order.
-fn ring_members(settings: &TierConfig) -> Vec<Member> {
-    settings
+/// The ring members: `[tier].upper` by address in config order, then those found through
+/// DNS (an address listed both ways counts once, as configured).
+fn ring_members(settings: &TierConfig, resolved: &[UpperMember]) -> Vec<Member> {
+    let mut members: Vec<Member> = settings
         .upper
         .iter()
         .map(|m| Member {
             addr: m.addr,
             weight: m.weight,
         })
-        .collect()
+        .collect();
+    for m in resolved {
+        if !members.iter().any(|x| x.addr == m.addr) {
+            members.push(Member {
+                addr: m.addr,
+                weight: m.weight,
+            });
+        }
+    }
+    members
 }
 
 /// One readiness probe: 200 is ready, anything else says how it failed.

@@ -227,3 +227,43 @@ fn a_reload_refuses_what_needs_a_restart_and_nothing_else() {
         assert_eq!(keys(&running.reload_refusals(&next)), [key]);
     }
 }
+
+#[test]
+fn upper_members_may_be_given_by_dns_name() {
+    let with = |members: &str| {
+        let text = GOOD.replace(
+            "[[origin]]",
+            &format!(
+                "[tier]\nsecret = \"0123456789abcdef0123456789abcdef\"\nupper = [{members}]\n\n[[origin]]"
+            ),
+        );
+        Config::parse(&text, Path::new("."))
+    };
+    let c = with(r#"{ dns = "Uppers.Svc.Cluster.Local:8080", weight = 2 }, "127.0.0.1:9001""#)
+        .expect("valid");
+    let t = c.tier.expect("tier");
+    assert_eq!(
+        t.upper_dns,
+        [DnsMember {
+            name: "uppers.svc.cluster.local".into(),
+            port: 8080,
+            weight: 2
+        }]
+    );
+    assert_eq!(t.upper.len(), 1);
+    for bad in [
+        r#"{ dns = "10.0.0.1:8080" }"#,
+        r#"{ dns = "uppers" }"#,
+        r#"{ dns = "uppers:0" }"#,
+        r#"{ dns = "bad_name:80" }"#,
+        r#"{ dns = "uppers:80", name = "up-1" }"#,
+        r#"{ dns = "uppers:80", addr = "127.0.0.1:80" }"#,
+        r#"{ dns = "uppers:80" }, { dns = "uppers:80" }"#,
+    ] {
+        let problems = with(bad).expect_err(bad);
+        assert!(
+            keys(&problems).iter().all(|k| k.starts_with("tier.upper[")),
+            "{bad}: {problems:?}"
+        );
+    }
+}
