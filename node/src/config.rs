@@ -428,7 +428,22 @@ impl<'a> Section<'a> {
     fn size(&mut self, name: &'static str, default: u64) -> u64 {
         match self.raw(name) {
             None => default,
-            Some(Value::Integer(n)) if *n > 0 => *n as u64,
+            Some(Value::Integer(n)) => {
+                // `capacity = 256` would silently be 256 bytes: a size always names its unit.
+                let msg = format!(
+                    "must name its unit: \"{n}MiB\", or \"{n}B\" if {n} bytes is meant (B, KiB, MiB, GiB)"
+                );
+                self.problem(name, msg);
+                default
+            }
+            Some(Value::String(s)) if s.trim().ends_with(|c: char| c.is_ascii_digit()) => {
+                let n = s.trim();
+                let msg = format!(
+                    "must name its unit: \"{n}MiB\", or \"{n}B\" if {n} bytes is meant (B, KiB, MiB, GiB)"
+                );
+                self.problem(name, msg);
+                default
+            }
             Some(Value::String(s)) => match parse_size(s) {
                 Some(n) if n > 0 => n,
                 _ => {
@@ -553,11 +568,20 @@ impl Config {
         let root: Table = match text.parse::<Table>() {
             Ok(t) => t,
             Err(e) => {
-                let message = e.message().to_string();
+                // One line per problem, like every other: the parser's hint joins its message.
+                let message = e
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 let key = match e.span() {
                     Some(span) => {
-                        let line = text[..span.start.min(text.len())].lines().count().max(1);
-                        format!("line {line}")
+                        let before = &text[..span.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                        format!("line {line}, column {column}")
                     }
                     None => "toml".into(),
                 };
@@ -596,6 +620,12 @@ impl Config {
         }
 
         // Cross-section rules.
+        if origins.is_empty() && !problems.iter().any(|p| p.key.starts_with("origin")) {
+            problems.push(Problem {
+                key: "origin".into(),
+                message: "at least one [[origin]] is needed: every request's Host is matched against them (without any, every request gets 421)".into(),
+            });
+        }
         if let Some(node) = &node {
             if node.listen == node.admin_listen {
                 problems.push(Problem {

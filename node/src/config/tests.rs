@@ -267,3 +267,34 @@ fn upper_members_may_be_given_by_dns_name() {
         );
     }
 }
+
+#[test]
+fn check_catches_what_would_silently_misbehave() {
+    // A bare number is refused rather than taken as bytes.
+    for size in ["256", "\"256\""] {
+        let text = GOOD.replace("\"64MiB\"", size);
+        let problems = Config::parse(&text, Path::new(".")).expect_err(size);
+        assert_eq!(keys(&problems), ["cache.capacity"], "{size}");
+        assert!(problems[0].message.contains("\"256MiB\""), "{problems:?}");
+    }
+    let bytes = Config::parse(
+        &GOOD
+            .replace("\"64MiB\"", "\"4MiB\"")
+            .replace("\"1MiB\"", "\"256B\""),
+        Path::new("."),
+    )
+    .expect("an explicit B is fine");
+    assert_eq!(bytes.cache.max_object_size, 256);
+    // No [[origin]]: every request would get 421.
+    let cut = GOOD.find("[[origin]]").expect("origin table");
+    let problems = Config::parse(&GOOD[..cut], Path::new(".")).expect_err("no origin");
+    assert_eq!(keys(&problems), ["origin"]);
+    // A syntax error is one problem on one line, with its column.
+    let problems = Config::parse("[node\nname = \"x\"\n", Path::new(".")).expect_err("toml");
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].key.starts_with("line 1, column "),
+        "{problems:?}"
+    );
+    assert!(!problems[0].to_string().contains('\n'), "{problems:?}");
+}
