@@ -6,6 +6,7 @@
 //! Ctrl-C (or SIGTERM) sends SIGTERM to every node, waits for them, and exits.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -104,6 +105,9 @@ fn demo_response(path: &str) -> (u16, Vec<(&'static str, String)>, Vec<u8>) {
 /// Serves the demo origin on `listener` until the task is dropped.
 pub async fn serve_origin(listener: TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
+        // Each answer is one write; without this, Nagle's algorithm held the next answer on a
+        // reused connection until the peer's delayed ACK (~40 ms per miss).
+        let _ = stream.set_nodelay(true);
         tokio::spawn(origin_connection(stream));
     }
 }
@@ -171,10 +175,11 @@ async fn origin_connection(mut stream: TcpStream) {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-        if stream.write_all(head.as_bytes()).await.is_err() {
-            return;
+        let mut answer = head.into_bytes();
+        if req.method != "HEAD" {
+            answer.extend_from_slice(&body);
         }
-        if req.method != "HEAD" && stream.write_all(&body).await.is_err() {
+        if stream.write_all(&answer).await.is_err() {
             return;
         }
     }
@@ -184,6 +189,7 @@ async fn origin_connection(mut stream: TcpStream) {
 /// collector for load benchmarks of the export path. It reads bodies fully, like a collector.
 pub async fn serve_otlp_sink(listener: TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
         tokio::spawn(sink_connection(stream));
     }
 }
@@ -197,6 +203,19 @@ async fn sink_connection(mut stream: TcpStream) {
             return;
         }
     }
+}
+
+/// Writes `text` to a new file only its owner may read (`0600`), replacing any old one.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
 }
 
 /// A node the demo started.
@@ -235,7 +254,7 @@ fn spawn_node(
     config_text: &str,
 ) -> anyhow::Result<DemoNode> {
     let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, config_text)?;
+    write_private(&config, config_text)?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(exe)
         .arg("run")
@@ -308,6 +327,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let exe: PathBuf = std::env::current_exe().context("locating the stratus binary")?;
     let dir = std::env::temp_dir().join(format!("stratus-demo-{base}"));
     std::fs::create_dir_all(&dir)?;
+    // The configs hold the fleet secret: the directory and its files are the user's alone.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
 
     let origin_addr = at(0);
     let listener = TcpListener::bind(origin_addr)
@@ -381,10 +402,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         dir.display()
     );
     for n in nodes.iter().filter(|n| n.name.starts_with("edge-")) {
-        println!("client: http://{}/", n.listen);
+        println!("client: {} http://{}/", n.name, n.listen);
     }
     for n in &nodes {
-        println!("admin: http://{}/", n.admin);
+        println!(
+            "admin: {} http://{}/ (/metrics, /ring, /healthz)",
+            n.name, n.admin
+        );
     }
     match &opts.otlp {
         Some(otlp) => println!("traces: every node exports to {otlp} (OTLP/HTTP, service \"stratus\")"),

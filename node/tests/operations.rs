@@ -307,3 +307,113 @@ async fn every_client_request_is_logged_once_and_measured_apart_from_the_fleets_
     assert_eq!(v["fields"]["status"], 200);
     assert_eq!(v["fields"]["path"], "/a");
 }
+
+/// An origin that upgrades WebSocket requests (`101`) and then echoes whatever it receives
+/// (a WebSocket server as far as a proxy can tell); other requests get a plain 200.
+async fn echo_upgrade_origin() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match s.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                if !String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("upgrade: websocket")
+                {
+                    let plain =
+                        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nplain";
+                    let _ = s.write_all(plain.as_bytes()).await;
+                    return;
+                }
+                let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_websocket_keeps_talking_across_a_zero_downtime_upgrade() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_upgrade_origin().await;
+    let (listen, admin) = (
+        stratus_chaos::free_port().expect("port"),
+        stratus_chaos::free_port().expect("port"),
+    );
+    let toml = format!(
+        "[node]\nname = \"ws\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"20s\"\n\n[[origin]]\nhost = \"ws.test\"\naddress = \"{echo}\"\n"
+    );
+    let mut node = NodeProcess::start_with(bin(), "ws", listen, admin, &toml)
+        .await
+        .expect("node");
+    let mut ws = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    ws.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .expect("upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).await.expect("101 head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("cache-status: ws; hit"),
+        "{head}"
+    );
+
+    // Hand the sockets over while the connection is open; talk all through it.
+    let upgrade = tokio::spawn(async move {
+        node.upgrade().await.expect("upgrade");
+        node
+    });
+    let talk_until = Instant::now() + Duration::from_secs(8);
+    let mut exchanged = 0;
+    while Instant::now() < talk_until {
+        let msg = format!("message {exchanged}\n");
+        ws.write_all(msg.as_bytes())
+            .await
+            .expect("send across the hand-over");
+        let mut back = vec![0u8; msg.len()];
+        ws.read_exact(&mut back)
+            .await
+            .expect("echo across the hand-over");
+        assert_eq!(back, msg.as_bytes());
+        exchanged += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !upgrade.is_finished(),
+        "the old process must wait for the open connection"
+    );
+    // New connections meanwhile reach the new process.
+    let r = client::get(listen, "ws.test", "/plain", &[])
+        .await
+        .expect("exchange");
+    assert_eq!((r.status, r.text().as_str()), (200, "plain"));
+    drop(ws);
+    let node = upgrade
+        .await
+        .expect("the old process exits once the connection ends");
+    assert!(exchanged > 50, "{exchanged} messages");
+    assert!(node.log().contains("listening"), "{}", node.log());
+}
