@@ -90,19 +90,29 @@ const DEFAULT_LOG_FILTER: &str = "warn,stratus=info,stratus_node=info,pingora_ca
 
 /// Logs go through `tracing` (Pingora's `log` records too, via tracing-subscriber's log bridge)
 /// to stderr, filtered by `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]). Request log lines carry
-/// `trace_id`.
-fn init_logging(format: LogFormat) {
+/// `trace_id`. With `telemetry`, spans of background work are exported too (target
+/// `stratus::background`, whatever `RUST_LOG` says).
+fn init_logging(format: LogFormat, telemetry: Option<&stratus_tracing::Telemetry>) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let background = telemetry.and_then(|t| t.background_layer());
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(background);
     let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+        LogFormat::Text => registry
+            .with(
+                lines
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
+            )
             .try_init(),
-        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Json => registry
+            .with(lines.json().with_ansi(false).with_filter(filter))
+            .try_init(),
     };
 }
 
@@ -168,11 +178,9 @@ fn watch_parent() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = match &cli.command {
-        Command::Run { log_format, .. } => *log_format,
-        _ => LogFormat::Text,
-    };
-    init_logging(format);
+    if !matches!(cli.command, Command::Run { .. }) {
+        init_logging(LogFormat::Text, None);
+    }
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(cfg) => {
@@ -204,7 +212,7 @@ fn main() -> ExitCode {
             upgrade,
             upgrade_sock,
             exit_with_parent,
-            log_format: _,
+            log_format,
         } => {
             if exit_with_parent {
                 watch_parent();
@@ -224,7 +232,16 @@ fn main() -> ExitCode {
                 upgrade_sock,
                 config_path: Some(config.clone()),
             };
-            match server::build(cfg, &opts) {
+            // Logging starts with the telemetry, so background spans reach Jaeger too.
+            let telemetry = match server::telemetry(&cfg) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: tracing: {e:#}", config.display());
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            init_logging(log_format, Some(&telemetry));
+            match server::build(cfg, telemetry, &opts) {
                 Ok(node) => {
                     node.run();
                     ExitCode::SUCCESS

@@ -17,6 +17,8 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use stratus_tracing::BACKGROUND_TARGET;
+use tracing::Instrument;
 
 use crate::config::{DnsMember, UpperMember};
 use crate::dns::{Dns, DnsError};
@@ -105,7 +107,17 @@ impl BackgroundService for DnsMembership {
                 }
                 MAX_REFRESH
             } else {
-                let (members, wait) = self.resolve(&names, &mut known).await;
+                let span = tracing::info_span!(
+                    target: BACKGROUND_TARGET,
+                    "upper members from DNS",
+                    names = names.len(),
+                    members = tracing::field::Empty,
+                );
+                let (members, wait) = self
+                    .resolve(&names, &mut known)
+                    .instrument(span.clone())
+                    .await;
+                span.record("members", members.len());
                 if members != *self.tier.resolved() {
                     let addrs: Vec<String> = members.iter().map(|m| m.addr.to_string()).collect();
                     match self.tier.set_resolved(members).await {

@@ -15,7 +15,9 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use stratus_tracing::BACKGROUND_TARGET;
 use tokio::signal::unix::{signal, SignalKind};
+use tracing::Instrument;
 
 use crate::config::{Config, ConfigError, Live};
 use crate::dns::Dns;
@@ -77,7 +79,14 @@ impl Reloader {
 
     /// Reads, checks and applies the file once; logs and counts the result.
     pub async fn reload(&self) -> Reloaded {
-        let result = self.try_reload().await;
+        let span = tracing::info_span!(
+            target: BACKGROUND_TARGET,
+            "config reload",
+            config = %self.path.display(),
+            result = tracing::field::Empty,
+        );
+        let result = self.try_reload().instrument(span.clone()).await;
+        span.record("result", result.as_str());
         self.metrics
             .config_reloads
             .with_label_values(&[result.as_str()])

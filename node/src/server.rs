@@ -110,8 +110,9 @@ pub fn telemetry(config: &Config) -> anyhow::Result<Telemetry> {
     Ok(Telemetry::otlp(&settings)?)
 }
 
-/// Builds the node for `config`. Binds nothing until it runs.
-pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
+/// Builds the node for `config`, exporting spans through `telemetry` (see [`telemetry`]).
+/// Binds nothing until it runs.
+pub fn build(config: Config, telemetry: Telemetry, opts: &RunOptions) -> anyhow::Result<Node> {
     let config = Arc::new(config);
     let conf = ServerConf {
         threads: config.node.threads,
@@ -137,8 +138,6 @@ pub fn build(config: Config, opts: &RunOptions) -> anyhow::Result<Node> {
     let metrics = Arc::new(Metrics::new(&config.node.name)?);
 
     let tier = Tier::from_config(&config, metrics.clone())?;
-    // Built after bootstrap; stratus never daemonizes, so the export thread survives.
-    let telemetry = telemetry(&config)?;
     metrics.watch_spans(telemetry.clone());
     let dns = Arc::new(ArcSwap::from_pointee(
         Dns::new(&config.dns).map_err(|e| anyhow::anyhow!(e))?,

@@ -24,9 +24,11 @@ use stratus_tiering::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::{Config, Role, TierConfig, UpperMember};
 use crate::metrics::Metrics;
+use stratus_tracing::BACKGROUND_TARGET;
 
 /// The health endpoint every node answers on its data listener.
 pub const HEALTH_PATH: &str = "/.well-known/stratus/health";
@@ -334,6 +336,30 @@ impl Tier {
         host: &str,
         path: &str,
     ) -> serde_json::Value {
+        let span = tracing::info_span!(
+            target: BACKGROUND_TARGET,
+            "purge at an upper",
+            upper = %addr,
+            host,
+            path,
+            outcome = tracing::field::Empty,
+        );
+        let answer = self
+            .purge_member_once(addr, host, path)
+            .instrument(span.clone())
+            .await;
+        if let Some(outcome) = answer.get("outcome") {
+            span.record("outcome", tracing::field::display(outcome));
+        }
+        answer
+    }
+
+    async fn purge_member_once(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+    ) -> serde_json::Value {
         use serde_json::json;
         let identity = RequestIdentity::new(
             host,
@@ -414,23 +440,47 @@ impl HealthTask {
         loop {
             tokio::time::sleep(tier.settings().probe_interval).await;
             let members: Vec<Member> = tier.view().members().to_vec();
+            let span = tracing::info_span!(
+                target: BACKGROUND_TARGET,
+                "probe round",
+                members = members.len(),
+                failed = tracing::field::Empty,
+            );
             let round = members.into_iter().map(|m| {
                 let tier = tier.clone();
                 let addr = m.addr;
+                let probe_span = tracing::info_span!(
+                    target: BACKGROUND_TARGET,
+                    parent: &span,
+                    "readiness probe",
+                    upper = %addr,
+                    result = tracing::field::Empty,
+                );
                 async move {
                     let request = tier.probe_request(addr);
                     let result = probe(addr, &request, tier.settings().probe_timeout).await;
+                    let said = match result {
+                        Probe::Ready => "ready".to_string(),
+                        Probe::Failed(f) => f.to_string(),
+                    };
+                    tracing::Span::current().record("result", said.as_str());
                     let _ = tier
                         .events
                         .send(HealthEvent::Probe(addr, result, Instant::now()))
                         .await;
+                    matches!(result, Probe::Ready)
                 }
+                .instrument(probe_span)
             });
             let mut set = tokio::task::JoinSet::new();
             for p in round {
                 set.spawn(p);
             }
-            while set.join_next().await.is_some() {}
+            let mut failed = 0;
+            while let Some(ready) = set.join_next().await {
+                failed += usize::from(!ready.unwrap_or(false));
+            }
+            span.record("failed", failed);
         }
     }
 

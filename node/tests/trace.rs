@@ -425,3 +425,90 @@ async fn coalesced_requests_link_to_the_fill() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn background_work_is_traced_too() {
+    let collector = TestCollector::start(CollectorMode::Receive)
+        .await
+        .expect("collector");
+    let origin = scripted_origin().await;
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 1,
+        origins: vec![OriginEntry::new(HOST, origin.addr())],
+        lower_tier_extra: String::new(),
+        common_extra: tracing_table(&collector.endpoint(), 1.0, 8192),
+    };
+    let mut fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    let lower = &mut fleet.lowers[0];
+    let same = lower.config_text().expect("config");
+    lower.reload(&same, "ok").await.expect("reload");
+    let body = format!("{{\"url\": \"http://{HOST}/gone\"}}");
+    let raw = format!(
+        "POST /purge HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let purge = client::send_raw(lower.admin, raw.as_bytes(), false)
+        .await
+        .expect("purge");
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    let named = |name: &'static str| {
+        let spans = collector.spans();
+        spans
+            .iter()
+            .filter(|s| s.instance == "edge-1" && s.service == "stratus" && s.name == name)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let all_seen = eventually(Duration::from_secs(15), || async {
+        [
+            "probe round",
+            "readiness probe",
+            "config reload",
+            "purge at an upper",
+        ]
+        .iter()
+        .all(|n| !named(n).is_empty())
+    })
+    .await;
+    assert!(
+        all_seen,
+        "background spans missing; got {:?}",
+        collector
+            .spans()
+            .iter()
+            .map(|s| (&s.instance, &s.name))
+            .collect::<Vec<_>>()
+    );
+    let reload = &named("config reload")[0];
+    assert!(
+        reload
+            .attributes
+            .iter()
+            .any(|(k, v)| k == "result" && v == "ok"),
+        "{reload:?}"
+    );
+    let probe = &named("readiness probe")[0];
+    let round = named("probe round");
+    assert!(
+        round.iter().any(|r| r.span_id == probe.parent_span_id),
+        "a probe is a child of its round"
+    );
+    // Log lines and pingora's records stay out of the export: only these names appear
+    // besides request spans.
+    for s in collector.spans().iter().filter(|s| s.instance == "edge-1") {
+        assert!(
+            s.kind == SERVER
+                || s.kind == CLIENT
+                || [
+                    "probe round",
+                    "readiness probe",
+                    "config reload",
+                    "purge at an upper"
+                ]
+                .contains(&s.name.as_str()),
+            "unexpected span {:?}",
+            s.name
+        );
+    }
+}

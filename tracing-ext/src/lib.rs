@@ -14,11 +14,13 @@
 //! Export never waits: spans go through a bounded queue; when it is full they are dropped and
 //! counted ([`Telemetry::dropped_spans`]).
 
+pub mod background;
 pub mod export;
 pub mod facts;
 pub mod propagation;
 pub mod spans;
 
+pub use background::BACKGROUND_TARGET;
 pub use export::{ExportSettings, Telemetry, TelemetryError};
 pub use facts::{AttemptFacts, RequestFacts, ResponseFacts, UpstreamKind};
 pub use spans::{AttemptTrace, FillLink, RequestTrace};
