@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with only rustup lacks to build stratus:
-# cmake and a C toolchain (Pingora's zlib-ng and zstd, ring), rustfmt and clippy.
+# cmake and a C toolchain (Pingora's zlib-ng and zstd, ring), protoc (the build script of
+# otlp-embedded, the Jaeger UI inside `stratus demo`), rustfmt and clippy.
 # Safe to run again; it only installs what is missing.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v "${PROTOC:-protoc}" >/dev/null 2>&1 || need+=(protobuf-compiler)
 for extra in "$@"; do
   command -v "$extra" >/dev/null 2>&1 || need+=("$extra")
 done

@@ -254,6 +254,8 @@ pub enum ConfigError {
         path: PathBuf,
         /// Every problem found.
         problems: Vec<Problem>,
+        /// The file's text, to point each problem at its line.
+        text: String,
     },
 }
 
@@ -262,12 +264,93 @@ impl ConfigError {
     pub fn lines(&self) -> Vec<String> {
         match self {
             ConfigError::Read { .. } => vec![self.to_string()],
-            ConfigError::Invalid { path, problems } => problems
+            ConfigError::Invalid {
+                path,
+                problems,
+                text,
+            } => problems
                 .iter()
-                .map(|p| format!("{}: {p}", path.display()))
+                .map(|p| match syntax_position(&p.key) {
+                    // A syntax error: `FILE:LINE:COLUMN: message`.
+                    Some(at) => format!("{}:{at}: {}", path.display(), p.message),
+                    None => match line_of(text, &p.key) {
+                        Some(line) => format!("{}:{line}: {p}", path.display()),
+                        None => format!("{}: {p}", path.display()),
+                    },
+                })
                 .collect(),
         }
     }
+}
+
+/// `"line L, column C"` (a syntax error's key) as `L:C`.
+fn syntax_position(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("line ")?;
+    let (line, column) = rest.split_once(", column ")?;
+    Some(format!("{line}:{column}"))
+}
+
+/// The line (1-based) a problem's dotted key points at: the key's own line inside its
+/// section (`cache.capacity`, `origin[1].host`, `tier.upper[0]`), else the section's header.
+/// `None` when the key is not written in the file (a missing required key of a missing
+/// section).
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let mut parts = key.split('.');
+    let first = parts.next()?;
+    let (section, nth) = match first.split_once('[') {
+        Some((name, index)) => (name, index.trim_end_matches(']').parse::<usize>().ok()),
+        None => (first, None),
+    };
+    let leaf = parts.next().map(|l| l.split('[').next().unwrap_or(l));
+    let mut current: Option<(&str, usize)> = None;
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut header_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim();
+            let count = seen.entry(name).or_insert(0);
+            current = Some((name, *count));
+            *count += 1;
+            if name == section && nth.is_none_or(|n| n + 1 == *count) {
+                header_line.get_or_insert(i + 1);
+            }
+            continue;
+        }
+        let here = match current {
+            Some((name, count)) => name == section && nth.is_none_or(|n| n == count),
+            None => leaf.is_none(),
+        };
+        let wanted = if current.is_none() {
+            Some(section)
+        } else {
+            leaf
+        };
+        if let (true, Some(want)) = (here, wanted) {
+            let assigned = t
+                .strip_prefix(want)
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+            if assigned {
+                return Some(i + 1);
+            }
+        }
+    }
+    header_line
+}
+
+/// The known name closest to an unknown one, if one is close enough to be a typo.
+fn did_you_mean<'k>(unknown: &str, known: impl IntoIterator<Item = &'k str>) -> Option<&'k str> {
+    known
+        .into_iter()
+        .map(|k| (strsim::jaro_winkler(unknown, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
 }
 
 // Defaults. Each says why.
@@ -491,10 +574,11 @@ impl<'a> Section<'a> {
             .collect();
         for k in unknown {
             let key = self.key(&k);
-            self.problems.push(Problem {
-                key,
-                message: "unknown key".into(),
-            });
+            let message = match did_you_mean(&k, self.seen.iter().copied()) {
+                Some(known) => format!("unknown key; did you mean {known:?}?"),
+                None => "unknown key".into(),
+            };
+            self.problems.push(Problem { key, message });
         }
     }
 }
@@ -560,6 +644,7 @@ impl Config {
         Config::parse(&text, base).map_err(|problems| ConfigError::Invalid {
             path: path.to_path_buf(),
             problems,
+            text: text.clone(),
         })
     }
 
@@ -613,9 +698,13 @@ impl Config {
         let origins = read_origins(root.get("origin"), &mut problems);
 
         for k in root.keys().filter(|k| !seen.contains(k.as_str())) {
+            let message = match did_you_mean(k, seen.iter().copied()) {
+                Some(known) => format!("unknown section; did you mean [{known}]?"),
+                None => "unknown section".into(),
+            };
             problems.push(Problem {
                 key: k.clone(),
-                message: "unknown section".into(),
+                message,
             });
         }
 

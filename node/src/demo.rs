@@ -227,7 +227,7 @@ struct DemoNode {
 }
 
 /// Ports, as offsets from `--base-port`: origin 0, lower data 1-3, upper data 4-5,
-/// lower admin 11-13, upper admin 14-15; 19 is kept for the trace UI.
+/// lower admin 11-13, upper admin 14-15, trace receiver 18, trace UI 19.
 const UPPER_NODES: u16 = 2;
 
 fn node_config(
@@ -341,12 +341,23 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         rand::random::<u128>(),
         rand::random::<u128>()
     );
-    // Tracing goes into every node's config; [tracing] is a table of its own, so it can
-    // follow the [tier] lines.
-    let tracing = match &opts.otlp {
-        Some(url) => format!("\n[tracing]\notlp_endpoint = \"{url}\"\nsample_ratio = 1.0\n"),
-        None => String::new(),
+    // Tracing is on: every node exports to the bundled Jaeger (an OTLP/HTTP receiver at
+    // offset 18, its UI at 19), unless --otlp points them at a collector of the user's.
+    let (otlp_url, trace_ui) = match &opts.otlp {
+        Some(url) => (url.clone(), None),
+        None => {
+            let ui = TcpListener::bind(at(19))
+                .await
+                .with_context(|| format!("trace UI: cannot bind {}", at(19)))?;
+            let receiver = TcpListener::bind(at(18))
+                .await
+                .with_context(|| format!("trace receiver: cannot bind {}", at(18)))?;
+            let task = tokio::spawn(crate::demo_jaeger::serve(ui, receiver));
+            (format!("http://{}", at(18)), Some(task))
+        }
     };
+    // [tracing] is a table of its own, so it can follow the [tier] lines.
+    let tracing = format!("\n[tracing]\notlp_endpoint = \"{otlp_url}\"\nsample_ratio = 1.0\n");
     let upper_tier = format!("[tier]\nsecret = \"{secret}\"\n{tracing}");
     let members: Vec<String> = (0..UPPER_NODES)
         .map(|i| format!("\"{}\"", at(4 + i)))
@@ -397,6 +408,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         }
     }
 
+    // Listen for Ctrl-C and SIGTERM before saying how to stop: a signal sent right after the
+    // last line must find the handler, not the default action (which would orphan the nodes).
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     println!(
         "stratus demo: origin {DEMO_HOST} at http://{origin_addr}/ (logs and configs in {})",
         dir.display()
@@ -410,11 +426,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             n.name, n.admin
         );
     }
-    match &opts.otlp {
-        Some(otlp) => println!("traces: every node exports to {otlp} (OTLP/HTTP, service \"stratus\")"),
-        None => println!(
-            "traces: off; start Jaeger all-in-one and rerun with --otlp http://127.0.0.1:4318 (no local Jaeger UI is bundled yet)"
+    match &trace_ui {
+        Some(_) => println!(
+            "jaeger: http://{}/ (traces of service \"stratus\"; every node exports to {otlp_url})",
+            at(19)
         ),
+        None => {
+            println!("traces: every node exports to {otlp_url} (OTLP/HTTP, service \"stratus\")")
+        }
     }
     let first_lower = nodes
         .iter()
@@ -423,13 +442,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("curl -si -H 'Host: {DEMO_HOST}' http://{first_lower}/hello");
     println!("Ctrl-C stops everything.");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
-    println!("stopping…");
+    // stderr: stdout may be a pipe its reader closed already.
+    eprintln!("stopping…");
     terminate(&mut nodes);
     origin.abort();
+    if let Some(task) = trace_ui {
+        task.abort();
+    }
     Ok(())
 }

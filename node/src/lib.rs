@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cache_status;
 pub mod config;
 pub mod demo;
+pub mod demo_jaeger;
 pub mod dns;
 pub mod errors;
 pub mod membership;

@@ -55,9 +55,12 @@ enum Command {
         /// The demo uses ports N to N+19.
         #[arg(long, default_value_t = 7000)]
         base_port: u16,
-        /// Send spans to this OTLP/HTTP collector instead of the local one.
+        /// Send spans to this OTLP/HTTP collector instead of the bundled Jaeger.
         #[arg(long)]
         otlp: Option<String>,
+        /// Exit at once when the process that started this one dies (tests).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
     /// Only the demo origin (host demo.test), for load benchmarks.
     #[command(hide = true)]
@@ -192,7 +195,14 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Demo { base_port, otlp } => {
+        Command::Demo {
+            base_port,
+            otlp,
+            exit_with_parent,
+        } => {
+            if exit_with_parent {
+                watch_parent();
+            }
             let opts = stratus_node::demo::DemoOptions { base_port, otlp };
             match runtime()
                 .map_err(anyhow::Error::from)

@@ -1,5 +1,6 @@
 //! `stratus check` as an operator meets it: the README's own example config passes, and a
-//! broken file is reported one problem per line, each naming the file.
+//! broken file is reported one problem per line as `FILE:LINE: key: message` (a syntax error
+//! `FILE:LINE:COLUMN: message`), with "did you mean" for a misspelt key or section.
 
 use std::path::Path;
 use std::process::Command;
@@ -52,7 +53,29 @@ fn every_problem_is_one_line_naming_the_file() {
         assert_eq!(code, 64, "{stderr}");
         assert!(!stderr.is_empty());
         for line in stderr.lines() {
-            assert!(line.contains("node.toml: "), "a line without its file: {line:?}\n{stderr}");
+            assert!(line.contains("node.toml:"), "a line without its file: {line:?}\n{stderr}");
         }
     }
+}
+
+#[test]
+fn problems_point_at_their_line_and_suggest_the_key_meant() {
+    let text = "[node]\nname = \"x\"\nrole = \"lower\"\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\nthred = 4\n\n[cache]\ncapacity = 256\n\n[[origin]]\nhost = \"a.test\"\naddress = \"127.0.0.1:3\"\n\n[[origin]]\nhost = \"b.test\"\nadress = \"127.0.0.1:4\"\n\n[tracng]\n";
+    let (code, _, stderr) = check(text);
+    assert_eq!(code, 64, "{stderr}");
+    for want in [
+        "node.toml:6: node.thred: unknown key; did you mean \"threads\"?",
+        "node.toml:9: cache.capacity: must name its unit",
+        "node.toml:17: origin[1].adress: unknown key; did you mean \"address\"?",
+        "node.toml:19: tracng: unknown section; did you mean [tracing]?",
+    ] {
+        assert!(
+            stderr.lines().any(|l| l
+                .split_once("/node.toml")
+                .is_some_and(|(_, rest)| { format!("node.toml{rest}").starts_with(want) })),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    let (_, _, stderr) = check("[node\nname = \"x\"\n");
+    assert!(stderr.contains("node.toml:1:"), "{stderr}");
 }
