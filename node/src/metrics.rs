@@ -60,14 +60,18 @@ pub struct Metrics {
     cache_objects: IntGauge,
     cache_bytes: IntGauge,
     cache_evictions: IntCounter,
+    /// Every metric's name, whether it has a sample yet or not.
+    names: Vec<String>,
     telemetry: parking_lot::Mutex<Option<stratus_tracing::Telemetry>>,
 }
 
-/// Registers `metric` and hands it back.
+/// Registers `metric`, notes its name, and hands it back.
 fn register<M: Collector + Clone + 'static>(
     registry: &Registry,
+    names: &mut Vec<String>,
     metric: M,
 ) -> prometheus::Result<M> {
+    names.extend(metric.desc().iter().map(|d| d.fq_name.clone()));
     registry.register(Box::new(metric.clone()))?;
     Ok(metric)
 }
@@ -86,8 +90,10 @@ impl Metrics {
     pub fn new(node: &str) -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let r = &registry;
+        let mut names = Vec::new();
         let requests = register(
             r,
+            &mut names,
             IntCounterVec::new(
                 Opts::new(
                     "stratus_requests_total",
@@ -98,6 +104,7 @@ impl Metrics {
         )?;
         let request_duration = register(
             r,
+            &mut names,
             HistogramVec::new(
                 HistogramOpts::new(
                     "stratus_request_duration_seconds",
@@ -109,6 +116,7 @@ impl Metrics {
         )?;
         let upstream_duration = register(
             r,
+            &mut names,
             HistogramVec::new(
                 HistogramOpts::new(
                     "stratus_upstream_duration_seconds",
@@ -120,6 +128,7 @@ impl Metrics {
         )?;
         let bytes_sent = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_bytes_sent_total",
                 "Response body bytes sent to clients",
@@ -127,6 +136,7 @@ impl Metrics {
         )?;
         let bytes_received = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_bytes_received_total",
                 "Request body bytes received from clients",
@@ -134,6 +144,7 @@ impl Metrics {
         )?;
         let internal_requests = register(
             r,
+            &mut names,
             IntCounterVec::new(
                 Opts::new(
                     "stratus_internal_requests_total",
@@ -147,6 +158,7 @@ impl Metrics {
         }
         let origin_requests = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_origin_requests_total",
                 "Requests this node sent to an origin",
@@ -154,6 +166,7 @@ impl Metrics {
         )?;
         let upper_requests = register(
             r,
+            &mut names,
             IntCounterVec::new(
                 Opts::new(
                     "stratus_upper_requests_total",
@@ -164,6 +177,7 @@ impl Metrics {
         )?;
         let upper_up = register(
             r,
+            &mut names,
             IntGaugeVec::new(
                 Opts::new(
                     "stratus_upper_up",
@@ -174,6 +188,7 @@ impl Metrics {
         )?;
         let spans_dropped = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_spans_dropped_total",
                 "Spans dropped because the export queue was full",
@@ -181,6 +196,7 @@ impl Metrics {
         )?;
         let span_exports_failed = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_span_exports_failed_total",
                 "Span export calls that failed (their spans are lost)",
@@ -188,6 +204,7 @@ impl Metrics {
         )?;
         let upper_down_reason = register(
             r,
+            &mut names,
             IntGaugeVec::new(
                 Opts::new(
                     "stratus_upper_down_reason",
@@ -198,6 +215,7 @@ impl Metrics {
         )?;
         let context_refusals = register(
             r,
+            &mut names,
             IntCounterVec::new(
                 Opts::new(
                     "stratus_context_refusals_total",
@@ -208,6 +226,7 @@ impl Metrics {
         )?;
         let health_reports_dropped = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_health_reports_dropped_total",
                 "Upstream outcome reports dropped because the health task's queue was full",
@@ -215,6 +234,7 @@ impl Metrics {
         )?;
         let replay_cache_entries = register(
             r,
+            &mut names,
             IntGauge::new(
                 "stratus_replay_cache_entries",
                 "Context nonces remembered to refuse replays",
@@ -222,6 +242,7 @@ impl Metrics {
         )?;
         let replay_cache_bytes = register(
             r,
+            &mut names,
             IntGauge::new(
                 "stratus_replay_cache_bytes",
                 "Estimated bytes held by the replay cache",
@@ -229,6 +250,7 @@ impl Metrics {
         )?;
         let config_reloads = register(
             r,
+            &mut names,
             IntCounterVec::new(
                 Opts::new(
                     "stratus_config_reloads_total",
@@ -242,6 +264,7 @@ impl Metrics {
         }
         let in_flight = register(
             r,
+            &mut names,
             IntGauge::new(
                 "stratus_requests_in_flight",
                 "Requests and upgraded connections being served now",
@@ -249,6 +272,7 @@ impl Metrics {
         )?;
         let build_info = register(
             r,
+            &mut names,
             IntGaugeVec::new(
                 Opts::new(
                     "stratus_build_info",
@@ -262,10 +286,12 @@ impl Metrics {
             .set(1);
         let cache_objects = register(
             r,
+            &mut names,
             IntGauge::new("stratus_cache_objects", "Objects in the cache")?,
         )?;
         let cache_bytes = register(
             r,
+            &mut names,
             IntGauge::new(
                 "stratus_cache_bytes",
                 "Bytes held by the cache, as weighed against its capacity",
@@ -273,6 +299,7 @@ impl Metrics {
         )?;
         let cache_evictions = register(
             r,
+            &mut names,
             IntCounter::new(
                 "stratus_cache_evictions_total",
                 "Objects evicted to stay within capacity (expiry and purges not counted)",
@@ -301,6 +328,7 @@ impl Metrics {
             cache_objects,
             cache_bytes,
             cache_evictions,
+            names,
             telemetry: parking_lot::Mutex::new(None),
         })
     }
@@ -308,6 +336,11 @@ impl Metrics {
     /// Reports the span-drop count of `telemetry` as `stratus_spans_dropped_total`.
     pub fn watch_spans(&self, telemetry: stratus_tracing::Telemetry) {
         *self.telemetry.lock() = Some(telemetry);
+    }
+
+    /// The name of every metric this node exports, samples or not.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition, with store gauges and exporter counts read now.
