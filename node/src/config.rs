@@ -124,6 +124,9 @@ pub struct DnsMember {
     pub port: u16,
     /// Share of keys of each member it resolves to.
     pub weight: u32,
+    /// How often the name is looked up again; unset, when its answer's TTL runs out. An
+    /// answer is reused while its TTL lasts either way.
+    pub refresh: Option<Duration>,
 }
 
 /// `[tier]`.
@@ -1013,9 +1016,19 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     }
     let mut upper = Vec::new();
     let mut upper_dns: Vec<DnsMember> = Vec::new();
-    match s.raw("upper") {
-        None => {}
-        Some(Value::Array(items)) => {
+    // `upper = { dns = "…" }` is one member entry, as `upper = [{ dns = "…" }]`.
+    let one;
+    let members = match s.raw("upper") {
+        Some(Value::Table(t)) => {
+            one = vec![Value::Table(t.clone())];
+            Some(&one)
+        }
+        Some(Value::Array(items)) => Some(items),
+        _ => None,
+    };
+    match (s.raw("upper"), members) {
+        (None, _) => {}
+        (Some(_), Some(items)) => {
             for (i, item) in items.iter().enumerate() {
                 match read_member(item) {
                     Ok(Listed::Addr(m)) if upper.iter().any(|u: &UpperMember| u.addr == m.addr) => {
@@ -1040,7 +1053,7 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
                 }
             }
         }
-        Some(other) => {
+        (Some(other), None) => {
             let found = other.type_str();
             s.problem("upper", format!("must be an array, found {found}"));
         }
@@ -1102,7 +1115,7 @@ fn read_member(item: &Value) -> Result<Listed, String> {
         Value::Table(t) => {
             if let Some(k) = t
                 .keys()
-                .find(|k| !matches!(k.as_str(), "addr" | "dns" | "weight" | "name"))
+                .find(|k| !matches!(k.as_str(), "addr" | "dns" | "weight" | "name" | "refresh"))
             {
                 return Err(format!("unknown key {k:?}"));
             }
@@ -1116,7 +1129,26 @@ fn read_member(item: &Value) -> Result<Listed, String> {
                 Some(Value::String(n)) if valid_name(n) => Some(n.clone()),
                 Some(_) => return Err("name must match [A-Za-z0-9._-]{1,64}".into()),
             };
+            let refresh = match t.get("refresh") {
+                None => None,
+                Some(Value::String(r)) => match parse_duration(r) {
+                    Some(d) if d >= Duration::from_secs(1) => Some(d),
+                    _ => {
+                        return Err(format!(
+                            "refresh must be a duration of 1s or more, found {r:?}"
+                        ))
+                    }
+                },
+                Some(other) => {
+                    return Err(format!(
+                        "refresh must be a duration like \"5s\", found {other}"
+                    ))
+                }
+            };
             match (t.get("addr"), t.get("dns")) {
+                (Some(Value::String(_)), None) if refresh.is_some() => {
+                    Err("refresh applies to dns members only".into())
+                }
                 (Some(Value::String(s)), None) => Ok(Listed::Addr(UpperMember {
                     addr: parse(s)?,
                     weight,
@@ -1132,6 +1164,7 @@ fn read_member(item: &Value) -> Result<Listed, String> {
                         name: host.to_ascii_lowercase(),
                         port,
                         weight,
+                        refresh,
                     }))
                 }
                 (None, Some(Value::String(_))) => Err(

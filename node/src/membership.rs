@@ -1,8 +1,9 @@
 //! Upper members from DNS: `[tier].upper = [{ dns = "name:port" }]` stands for every address
 //! the name resolves to — a Kubernetes headless service lists its ready pods that way.
 //!
-//! One task per lower node re-resolves each name when its answer's TTL runs out (at least
-//! every [`MIN_REFRESH`], at most every [`MAX_REFRESH`]) and when a reload changes the names,
+//! One task per lower node re-resolves each name every `refresh`, or when its answer's TTL runs
+//! out (at least every [`MIN_REFRESH`], at most every [`MAX_REFRESH`]), and when a reload
+//! changes the names,
 //! and hands a changed set to the tier, which keeps the health of members that stay. Only the
 //! name servers the operator configured decide membership; a failed or silent lookup keeps the
 //! members that name had (a DNS outage must not empty the ring), and a name that now answers
@@ -70,7 +71,7 @@ impl DnsMembership {
                     members.sort_by_key(|m| m.addr);
                     members.dedup_by_key(|m| m.addr);
                     known.insert(key, members);
-                    next = next.min(valid);
+                    next = next.min(d.refresh.unwrap_or(valid));
                 }
                 Err(e) => {
                     if matches!(e, DnsError::NoAddress(..)) {

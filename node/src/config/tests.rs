@@ -247,11 +247,25 @@ fn upper_members_may_be_given_by_dns_name() {
         [DnsMember {
             name: "uppers.svc.cluster.local".into(),
             port: 8080,
-            weight: 2
+            weight: 2,
+            refresh: None,
         }]
     );
     assert_eq!(t.upper.len(), 1);
+    // The table form, with a refresh interval.
+    let text = GOOD.replace(
+        "[[origin]]",
+        "[tier]\nsecret = \"0123456789abcdef0123456789abcdef\"\nupper = { dns = \"uppers.stratus.svc:8080\", refresh = \"5s\" }\n\n[[origin]]",
+    );
+    let t = Config::parse(&text, Path::new("."))
+        .expect("valid")
+        .tier
+        .expect("tier");
+    assert_eq!(t.upper_dns[0].refresh, Some(Duration::from_secs(5)));
+    assert!(t.upper.is_empty());
     for bad in [
+        r#"{ dns = "uppers:80", refresh = "10ms" }"#,
+        r#"{ addr = "127.0.0.1:80", refresh = "5s" }"#,
         r#"{ dns = "10.0.0.1:8080" }"#,
         r#"{ dns = "uppers" }"#,
         r#"{ dns = "uppers:0" }"#,
