@@ -44,6 +44,8 @@ const REPLAY_LIMIT: u64 = 1_000_000;
 const REPLAY_ENTRY_BYTES: i64 = 128;
 /// Upper members a lower tries for one request before `on_all_upper_down` decides.
 pub const MAX_UPPER_ATTEMPTS: usize = 3;
+/// While every member is healthy, one probe round in this many is traced.
+const TRACED_ROUND_EVERY: u64 = 30;
 /// How long a reload waits for the health task to publish new membership.
 const RECONFIGURE_WAIT: Duration = Duration::from_secs(5);
 /// Largest response the inter-tier exchange reads (probe and purge answers are tiny).
@@ -437,25 +439,40 @@ impl HealthTask {
     /// `probe_timeout`) before the interval to the next begins, so probes never overlap.
     /// Each round probes the members of the view in force when it starts.
     async fn probe_rounds(tier: Arc<Tier>) {
-        loop {
+        let mut last_failed = 0;
+        for round in 0u64.. {
             tokio::time::sleep(tier.settings().probe_interval).await;
-            let members: Vec<Member> = tier.view().members().to_vec();
-            let span = tracing::info_span!(
-                target: BACKGROUND_TARGET,
-                "probe round",
-                members = members.len(),
-                failed = tracing::field::Empty,
-            );
+            let view = tier.view();
+            let members: Vec<Member> = view.members().to_vec();
+            // Traced: the first round, every TRACED_ROUND_EVERY-th, and every round while a
+            // probe fails or a member is down — what an SRE looks for, without a span a second
+            // per lower drowning the request traces.
+            let someone_down = (0..members.len()).any(|id| !view.is_up(id));
+            let traced = round % TRACED_ROUND_EVERY == 0 || last_failed > 0 || someone_down;
+            let span = if traced {
+                tracing::info_span!(
+                    target: BACKGROUND_TARGET,
+                    "probe round",
+                    members = members.len(),
+                    failed = tracing::field::Empty,
+                )
+            } else {
+                tracing::Span::none()
+            };
             let round = members.into_iter().map(|m| {
                 let tier = tier.clone();
                 let addr = m.addr;
-                let probe_span = tracing::info_span!(
-                    target: BACKGROUND_TARGET,
-                    parent: &span,
-                    "readiness probe",
-                    upper = %addr,
-                    result = tracing::field::Empty,
-                );
+                let probe_span = if traced {
+                    tracing::info_span!(
+                        target: BACKGROUND_TARGET,
+                        parent: &span,
+                        "readiness probe",
+                        upper = %addr,
+                        result = tracing::field::Empty,
+                    )
+                } else {
+                    tracing::Span::none()
+                };
                 async move {
                     let request = tier.probe_request(addr);
                     let result = probe(addr, &request, tier.settings().probe_timeout).await;
@@ -481,6 +498,7 @@ impl HealthTask {
                 failed += usize::from(!ready.unwrap_or(false));
             }
             span.record("failed", failed);
+            last_failed = failed;
         }
     }
 
