@@ -73,6 +73,29 @@ fn not_ok(run: &Run) -> usize {
         .count()
 }
 
+/// Continuous load on every lower (batches of 100 requests over `keys`, 4 at a time) until the
+/// returned sender says stop, at most `max`.
+fn load_until_stopped(
+    fleet: &Fleet,
+    keys: &[String],
+    run: &Run,
+    max: Duration,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let addrs = lowers(fleet);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (history, keys) = (run.history.clone(), keys.to_vec());
+    let loader = tokio::spawn(async move {
+        let deadline = Instant::now() + max;
+        while !*stop_rx.borrow() && Instant::now() < deadline {
+            stratus_chaos::load(&addrs, HOST, &keys, 100, 4, &history).await;
+        }
+    });
+    (stop_tx, loader)
+}
+
 fn lowers(fleet: &Fleet) -> Vec<std::net::SocketAddr> {
     fleet.lowers.iter().map(|n| n.listen).collect()
 }
@@ -660,33 +683,7 @@ pub async fn rolling_upgrade(run: Run) -> Summary {
     let (origin, mut fleet) = Shape::new(2, 2).start().await;
     let ks = keys("roll", 40);
     serve(&origin, &ks);
-    let addrs = lowers(&fleet);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let history = run.history.clone();
-    let ks2 = ks.clone();
-    let loader = tokio::spawn(async move {
-        // Bounded: until told to stop, at most 3 minutes.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        for round in 0usize.. {
-            if *stop_rx.borrow() || Instant::now() > deadline {
-                break;
-            }
-            let mut set = JoinSet::new();
-            for j in 0..4 {
-                let (addrs, history, k) = (
-                    addrs.clone(),
-                    history.clone(),
-                    ks2[(round * 4 + j) % ks2.len()].clone(),
-                );
-                set.spawn(async move {
-                    history
-                        .get(&addrs, (round + j) % addrs.len(), HOST, &k)
-                        .await
-                });
-            }
-            while set.join_next().await.is_some() {}
-        }
-    });
+    let (stop_tx, loader) = load_until_stopped(&fleet, &ks, &run, Duration::from_secs(180));
     let verdict = async {
         for i in 0..2 {
             fleet.uppers[i]
@@ -743,17 +740,7 @@ pub async fn reload_broken_config(run: Run) -> Summary {
     let (origin, mut fleet) = Shape::new(2, 2).start().await;
     let ks = keys("reload", 40);
     serve(&origin, &ks);
-    let addrs = lowers(&fleet);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let history = run.history.clone();
-    let ks2 = ks.clone();
-    let loader = tokio::spawn(async move {
-        // Bounded: batches of 100 until told to stop, at most one minute.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !*stop_rx.borrow() && Instant::now() < deadline {
-            stratus_chaos::load(&addrs, HOST, &ks2, 100, 4, &history).await;
-        }
-    });
+    let (stop_tx, loader) = load_until_stopped(&fleet, &ks, &run, Duration::from_secs(60));
     let pids: Vec<u32> = fleet
         .lowers
         .iter()
