@@ -66,8 +66,12 @@ impl Generated {
     pub fn blame(self) -> Blame {
         match self {
             Generated::BadGateway(_) | Generated::GatewayTimeout(_) => Blame::Origin,
-            Generated::Forbidden(_) | Generated::UnknownHost => Blame::Member,
-            Generated::BadRequest(_)
+            Generated::Forbidden(_) => Blame::Member,
+            // The Host is the client's: an upper that serves no such host (a lower reloaded
+            // with a new origin before the uppers were) is not broken, and no client may mark
+            // a member down by choosing a Host.
+            Generated::UnknownHost
+            | Generated::BadRequest(_)
             | Generated::MethodNotAllowed
             | Generated::ClientTimeout
             | Generated::HeadersTooLarge
@@ -163,6 +167,20 @@ mod tests {
         );
         let gone = Error::new_down(ErrorType::WriteError);
         assert_eq!(Generated::from_proxy_error(&gone), None);
+    }
+
+    #[test]
+    fn nothing_a_client_chooses_blames_a_member() {
+        for g in [
+            Generated::UnknownHost,
+            Generated::BadRequest("bad-host"),
+            Generated::LoopDetected,
+            Generated::ClientTimeout,
+            Generated::HeadersTooLarge,
+            Generated::MethodNotAllowed,
+        ] {
+            assert_eq!(g.blame(), Blame::Request, "{g:?}");
+        }
     }
 
     #[test]

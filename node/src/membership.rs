@@ -96,6 +96,38 @@ impl DnsMembership {
     }
 }
 
+/// What `names` resolve to now through `dns`, for a reload that is about to apply them: every
+/// address found, plus — when a lookup fails — the members in `current` (a failed lookup
+/// never removes a member; the membership task sorts it out on its next round).
+pub async fn resolve_for_reload(
+    dns: &Dns,
+    names: &[DnsMember],
+    current: &[UpperMember],
+) -> Vec<UpperMember> {
+    let mut members: Vec<UpperMember> = Vec::new();
+    let mut failed = false;
+    for d in names {
+        match dns.lookup_all(&d.name, LOOKUP_TIMEOUT).await {
+            Ok((ips, _)) => members.extend(ips.into_iter().map(|ip| UpperMember {
+                addr: SocketAddr::new(ip, d.port),
+                weight: d.weight,
+                name: None,
+            })),
+            Err(DnsError::NoAddress(..)) => {}
+            Err(e) => {
+                tracing::warn!(name = %d.name, error = %e, "reload: lookup failed; keeping the members found so far");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        members.extend(current.iter().cloned());
+    }
+    members.sort_by_key(|m| m.addr);
+    members.dedup_by_key(|m| m.addr);
+    members
+}
+
 #[async_trait]
 impl BackgroundService for DnsMembership {
     async fn start(&self, mut shutdown: ShutdownWatch) {

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub upper_requests: IntCounterVec,
     /// `stratus_upper_up{upper}`: 1 while an upper member takes traffic, 0 while down.
     pub upper_up: IntGaugeVec,
+    /// `stratus_upper_members`: members on a tiered lower's ring now, up or down (0 when its
+    /// DNS names resolve to none); absent on other nodes.
+    pub upper_members: IntGaugeVec,
     /// `stratus_spans_dropped_total`: spans dropped because the export queue was full.
     pub spans_dropped: IntCounter,
     /// `stratus_span_exports_failed_total`: export calls that failed.
@@ -186,6 +189,17 @@ impl Metrics {
                 &["upper"],
             )?,
         )?;
+        let upper_members = register(
+            r,
+            &mut names,
+            IntGaugeVec::new(
+                Opts::new(
+                    "stratus_upper_members",
+                    "Upper members on this lower's ring now, up or down (tiered lowers only)",
+                ),
+                &[],
+            )?,
+        )?;
         let spans_dropped = register(
             r,
             &mut names,
@@ -316,6 +330,7 @@ impl Metrics {
             origin_requests,
             upper_requests,
             upper_up,
+            upper_members,
             spans_dropped,
             span_exports_failed,
             upper_down_reason,

@@ -131,14 +131,31 @@ impl Reloader {
         } else {
             None
         };
+        // The new resolver first (put back if the tier refuses), so the names of upper
+        // members that changed are looked up with it — before the new ring is published, so
+        // it is whole the moment it routes — and the membership task uses it from now on.
+        let previous_dns = dns.map(|dns| self.dns.swap(Arc::new(dns)));
         if let (Some(tier), Some(settings)) = (&self.tier, next.tier.clone()) {
-            if let Err(e) = tier.reconfigure(settings).await {
+            let resolved = if settings.upper_dns != tier.settings().upper_dns {
+                let dns = self.dns.load_full();
+                Some(
+                    crate::membership::resolve_for_reload(
+                        &dns,
+                        &settings.upper_dns,
+                        &tier.resolved(),
+                    )
+                    .await,
+                )
+            } else {
+                None
+            };
+            if let Err(e) = tier.reconfigure(settings, resolved).await {
+                if let Some(previous) = previous_dns {
+                    self.dns.store(previous);
+                }
                 tracing::error!(config = %file, "tier.upper: {e}; reload rejected");
                 return Reloaded::Rejected;
             }
-        }
-        if let Some(dns) = dns {
-            self.dns.store(Arc::new(dns));
         }
         self.store.set_max_object_size(next.cache.max_object_size);
         let origins = next.origins.len();

@@ -115,6 +115,12 @@ impl Tier {
         };
         let ring = Ring::new(ring_members(&settings, &[]))?;
         let book = HealthBook::new(ring, settings.failure_threshold, settings.rise);
+        if config.node.role == Role::Lower {
+            metrics
+                .upper_members
+                .with_label_values(&[])
+                .set(i64::try_from(settings.upper.len()).unwrap_or(i64::MAX));
+        }
         for m in &settings.upper {
             // Every member has a gauge from the start, not only after its first change.
             metrics
@@ -173,15 +179,29 @@ impl Tier {
     /// Applies a reloaded `[tier]` (a reload already refused a changed secret): new timeouts
     /// and policy at once, new members and thresholds through the health task, which keeps
     /// the health of members that stay. Returns once the new ring routes requests.
-    pub async fn reconfigure(&self, settings: TierConfig) -> anyhow::Result<()> {
+    /// `resolved`: what the new DNS names resolve to, looked up by the reload before anything
+    /// changed (so a switch to DNS members never publishes an empty ring); `None` keeps the
+    /// members found so far. On failure the previous settings and members are put back.
+    pub async fn reconfigure(
+        &self,
+        settings: TierConfig,
+        resolved: Option<Vec<UpperMember>>,
+    ) -> anyhow::Result<()> {
         let _one = self.publishing.lock().await;
-        Ring::new(ring_members(&settings, &self.resolved.load()))?;
+        let resolved = resolved.unwrap_or_else(|| self.resolved.load().to_vec());
+        Ring::new(ring_members(&settings, &resolved))?;
         let names_changed = settings.upper_dns != self.settings.load().upper_dns;
-        self.settings.store(Arc::new(settings));
+        let before = self.settings.swap(Arc::new(settings));
+        let found_before = self.resolved.swap(Arc::new(resolved));
+        if let Err(e) = self.publish_members().await {
+            self.settings.store(before);
+            self.resolved.store(found_before);
+            return Err(e);
+        }
         if names_changed {
             self.names_changed.notify_one();
         }
-        self.publish_members().await
+        Ok(())
     }
 
     /// The members the DNS names resolve to now (the membership task's finding).
@@ -506,6 +526,10 @@ impl HealthTask {
         // Reset first: a member a reload removed leaves no gauge behind.
         self.metrics.upper_down_reason.reset();
         self.metrics.upper_up.reset();
+        self.metrics
+            .upper_members
+            .with_label_values(&[])
+            .set(i64::try_from(view.members().len()).unwrap_or(i64::MAX));
         for (id, m) in view.members().iter().enumerate() {
             let addr = m.addr.to_string();
             let health = view.health(id);

@@ -227,8 +227,15 @@ async fn every_client_request_is_logged_once_and_measured_apart_from_the_fleets_
             .expect("exchange");
         assert_eq!(r.status, 200);
     }
-    // Probes run every 200 ms in the harness: let a few reach the upper.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Probes run every 200 ms in the harness: wait until a few reached the upper.
+    let probed = stratus_chaos::eventually(Duration::from_secs(10), || async {
+        upper
+            .metric("stratus_internal_requests_total{kind=\"probe\"}")
+            .await
+            .is_ok_and(|n| n >= 2.0)
+    })
+    .await;
+    assert!(probed, "no probes counted at the upper");
 
     let log = lower.log();
     let access: Vec<&str> = log
@@ -261,11 +268,6 @@ async fn every_client_request_is_logged_once_and_measured_apart_from_the_fleets_
         .await
         .expect("metrics");
     assert_eq!(upper_requests, 1.0);
-    let probes = upper
-        .metric("stratus_internal_requests_total{kind=\"probe\"}")
-        .await
-        .expect("metrics");
-    assert!(probes >= 2.0, "{probes} probes");
     let durations = lower
         .metric("stratus_request_duration_seconds_count")
         .await
@@ -416,4 +418,43 @@ async fn an_open_websocket_keeps_talking_across_a_zero_downtime_upgrade() {
         .expect("the old process exits once the connection ends");
     assert!(exchanged > 50, "{exchanged} messages");
     assert!(node.log().contains("listening"), "{}", node.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lower_reloaded_with_a_new_origin_before_the_uppers_marks_no_upper_down() {
+    let origin = TestOrigin::start().await.expect("origin");
+    origin.fixed("/n", Reply::ok("new"));
+    let spec = FleetSpec {
+        lowers: 1,
+        uppers: 2,
+        origins: vec![OriginEntry::new("example.test", origin.addr())],
+        lower_tier_extra: String::new(),
+        common_extra: String::new(),
+    };
+    let mut fleet = Fleet::start(bin(), &spec).await.expect("fleet");
+    let lower = &mut fleet.lowers[0];
+    // The lower learns new.test first; the uppers do not serve it yet. (Its timeouts are the
+    // harness's, within the lower's short tier.read_timeout.)
+    let staged = format!(
+        "{}\n[[origin]]\nhost = \"new.test\"\naddress = \"{}\"\nconnect_timeout = \"500ms\"\nread_timeout = \"2s\"\n",
+        lower.config_text().expect("config"),
+        origin.addr()
+    );
+    lower.reload(&staged, "ok").await.expect("reload");
+    // A client asking for it, many times over: the uppers answer 421 each time.
+    for _ in 0..20 {
+        let r = client::get(lower.listen, "new.test", "/n", &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 421, "{}", r.cache_status());
+    }
+    assert_eq!(
+        lower.metric("stratus_upper_up").await.expect("metrics"),
+        2.0,
+        "a Host the uppers do not serve yet marked a member down"
+    );
+    let r = client::get(lower.listen, "example.test", "/n", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(r.status, 200, "{}", r.cache_status());
 }

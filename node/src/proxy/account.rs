@@ -2,14 +2,16 @@
 //! per client request, target `stratus::access`). Reads the session and the context; changes
 //! neither.
 //!
-//! Requests the fleet makes of itself — readiness probes, background refreshes, purges from a
-//! lower — are counted apart (`stratus_internal_requests_total{kind}`) and logged at debug, so
-//! client hit ratios and latencies are the clients' alone.
+//! Requests the fleet makes of itself — readiness probes whose context verified, background
+//! refreshes, purges admitted with a lower's context — are counted apart
+//! (`stratus_internal_requests_total{kind}`) and logged at debug, so client hit ratios and
+//! latencies are the clients' alone. Anything a client sends (the health path, a PURGE) is a
+//! client request, in the access log.
 
 use pingora_proxy::Session;
 
 use super::context::{Ctx, Hop};
-use super::{is_health_check, Proxy};
+use super::Proxy;
 
 /// Who a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +41,7 @@ impl Proxy {
     /// Counts and logs a finished request: `cache` is its outcome label, `code` its status
     /// (0 when none was sent).
     pub(super) fn account(&self, session: &Session, ctx: &Ctx, cache: &str, code: u16) {
-        let kind = self.kind_of(session);
+        let kind = self.kind_of(session, ctx);
         let took = ctx
             .in_flight
             .as_ref()
@@ -109,12 +111,15 @@ impl Proxy {
         }
     }
 
-    fn kind_of(&self, session: &Session) -> Kind {
+    /// Who sent it. Only what the fleet verified is internal: a probe whose context verified,
+    /// a PURGE admitted with a lower's context, this node's own refresh. A client asking for
+    /// the health path or sending PURGE is a client, logged and counted as one.
+    fn kind_of(&self, session: &Session, ctx: &Ctx) -> Kind {
         if session.subrequest_ctx.is_some() {
             Kind::Refresh
-        } else if is_health_check(session.req_header()) {
+        } else if ctx.progress.verified_probe {
             Kind::Probe
-        } else if self.is_purge_from_lower(session) {
+        } else if self.is_purge_from_lower(session) && ctx.request.is_some() {
             Kind::Purge
         } else {
             Kind::Client

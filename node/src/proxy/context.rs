@@ -76,6 +76,8 @@ pub struct Progress {
     pub resend_same: bool,
     /// Attempts that were such resends (they try no new member).
     pub resends: usize,
+    /// A readiness probe whose control context verified (a lower's, counted apart).
+    pub verified_probe: bool,
     /// The cookies of a response stored without them (`set_cookie = "strip"`), given back to
     /// this request alone.
     pub own_cookies: Vec<(http::HeaderName, http::HeaderValue)>,

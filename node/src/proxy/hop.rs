@@ -217,13 +217,18 @@ impl Proxy {
     ) -> Result<()> {
         upstream.remove_header(CONTROL_HEADER);
         crate::policy::strip_hop_by_hop(upstream);
+        let status = upstream.status.as_u16();
+        if (100..200).contains(&status) && status != 101 {
+            // An interim answer (100 Continue, 103): the final one follows and is the attempt's.
+            upstream.remove_header(GENERATED_HEADER);
+            return Ok(());
+        }
         crate::policy::ensure_date(upstream);
         let mark = upstream
             .headers
             .get(GENERATED_HEADER)
             .map(|v| v.to_str().unwrap_or("").to_string());
         upstream.remove_header(GENERATED_HEADER);
-        let status = upstream.status.as_u16();
         if let (Some(tier), Some(attempt)) = (&self.tier, ctx.progress.attempts.last()) {
             if matches!(attempt.hop, Hop::Upper(..)) {
                 // A mark that does not verify came from the member all the same (uppers strip

@@ -32,15 +32,29 @@ impl Proxy {
                         method: "GET",
                         target: HEALTH_PATH,
                     };
-                    tier.accept(Some(value), line, false, std::time::SystemTime::now())
+                    let accepted = tier
+                        .accept(Some(value), line, false, std::time::SystemTime::now())
                         .map(|_| ())
-                        .map_err(context_refusal)
+                        .map_err(context_refusal);
+                    // A lower's probe: counted apart from client traffic (only a verified
+                    // context makes one; anyone else's is a client request).
+                    ctx.progress.verified_probe = accepted.is_ok();
+                    accepted
                 }
                 Err(g) => Err(g),
             },
             _ => Ok(()),
         };
+        // A lower whose members all come from DNS is not ready before a name has answered:
+        // every miss would be refused (a load balancer must wait, as for a cold start).
+        let no_member_yet = self
+            .lower_tier()
+            .is_some_and(|tier| tier.view().members().is_empty());
         match readiness {
+            Ok(()) if no_member_yet => {
+                let body = Bytes::from_static(b"no upper member yet\n");
+                write_local(session, 503, "text/plain", body, &[]).await
+            }
             Ok(()) => {
                 write_local(session, 200, "text/plain", Bytes::from_static(b"ok\n"), &[]).await
             }
