@@ -233,6 +233,45 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     remove_hop_by_hop(resp, &["connection", "transfer-encoding", "upgrade"]);
 }
 
+/// Request fields that say where a request came from or what it was before a proxy: a client
+/// may send any of them, and an origin that reflects one into its answer would poison the
+/// cache for everyone (they are not part of the key). A lower removes them all and writes its
+/// own (RFC 7239 `Forwarded` and the `X-Forwarded-*` trio); an upper keeps what its lower,
+/// authenticated by the control context, wrote.
+pub const FORWARDING_FIELDS: [&str; 9] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-real-ip",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// The forwarding fields a lower writes for a request from `client` (unknown for its own
+/// background refreshes) for `host`: RFC 7239 `Forwarded` and the de-facto trio.
+pub fn forwarding_fields(
+    client: Option<std::net::IpAddr>,
+    host: &str,
+) -> [(&'static str, String); 4] {
+    let (node, xff) = match client {
+        Some(std::net::IpAddr::V6(ip)) => (format!("\"[{ip}]\""), ip.to_string()),
+        Some(ip) => (ip.to_string(), ip.to_string()),
+        None => ("unknown".to_string(), "unknown".to_string()),
+    };
+    [
+        (
+            "forwarded",
+            format!("for={node};host=\"{host}\";proto=http"),
+        ),
+        ("x-forwarded-for", xff),
+        ("x-forwarded-host", host.to_string()),
+        ("x-forwarded-proto", "http".to_string()),
+    ]
+}
+
 /// Gives a received response without `Date` the time it arrived (RFC 9110 §6.6.1: a recipient
 /// with a clock records it before caching or forwarding), so a stored copy keeps that time
 /// rather than each hit getting a new one. A `Date` it carries is kept as it is.

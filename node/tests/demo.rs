@@ -26,43 +26,57 @@ impl Drop for Demo {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_demo_runs_the_fleet_with_its_jaeger() {
-    // 20 consecutive free ports: take a base from a free port, below the ephemeral range's end.
-    let base = stratus_chaos::free_port().expect("port").port().min(60_000);
-    let mut child = Command::new(bin())
-        .args([
-            "demo",
-            "--base-port",
-            &base.to_string(),
-            "--exit-with-parent",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("demo starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut demo = Demo(child);
-    // Read every line until the demo exits (a closed pipe must not be what stops it); hand
-    // over the ones up to "Ctrl-C stops everything."
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let done = line.starts_with("Ctrl-C");
-            lines.push(line);
-            if done {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(std::mem::take(&mut lines));
+    // 20 consecutive ports below Linux's ephemeral range (32768+), so no outgoing connection of
+    // a test running beside it holds one; a base whose ports are taken anyway makes the demo
+    // exit at once, and the next base is tried.
+    let slot = |i: u32| 20_000 + ((std::process::id() + i * 97) % 600) as u16 * 20;
+    let mut attempt = None;
+    for base in (0..5).map(slot) {
+        let log = tempfile::NamedTempFile::new().expect("stderr file");
+        let mut child = Command::new(bin())
+            .args([
+                "demo",
+                "--base-port",
+                &base.to_string(),
+                "--exit-with-parent",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().expect("stderr"))
+            .spawn()
+            .expect("demo starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let demo = Demo(child);
+        // Read every line until the demo exits (a closed pipe must not be what stops it);
+        // hand over the ones up to "Ctrl-C stops everything."
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let done = line.starts_with("Ctrl-C");
+                lines.push(line);
+                if done {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(std::mem::take(&mut lines));
+                    }
                 }
             }
+        });
+        let lines = tokio::task::spawn_blocking(move || rx.recv().unwrap_or_default());
+        let lines = tokio::time::timeout(Duration::from_secs(60), lines)
+            .await
+            .expect("the demo comes up within a minute")
+            .expect("reader");
+        if lines.is_empty() {
+            let why = std::fs::read_to_string(log.path()).unwrap_or_default();
+            eprintln!("demo on base port {base} did not start: {why}");
+            continue;
         }
-    });
-    let lines = tokio::task::spawn_blocking(move || rx.recv().unwrap_or_default());
-    let lines = tokio::time::timeout(Duration::from_secs(60), lines)
-        .await
-        .expect("the demo comes up within a minute")
-        .expect("reader");
+        attempt = Some((base, demo, lines));
+        break;
+    }
+    let (base, mut demo, lines) = attempt.expect("the demo starts on one of five port ranges");
     let text = lines.join("\n");
     let clients: Vec<&String> = lines.iter().filter(|l| l.starts_with("client: ")).collect();
     let admins: Vec<&String> = lines.iter().filter(|l| l.starts_with("admin: ")).collect();

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use stratus_chaos::{
-    client, eventually, Fleet, FleetOptions, FleetSpec, OriginEntry, Reply, TestOrigin, TEST_SECRET,
+    client, eventually, Fleet, FleetOptions, FleetSpec, NodeProcess, OriginEntry, Reply,
+    TestOrigin, TEST_SECRET,
 };
 #[path = "support/mod.rs"]
 mod support;
@@ -708,4 +709,68 @@ async fn probes_never_overlap() {
     .await;
     assert!(more, "probes continue while the member is down");
     assert_eq!(link.peak_open(), 1, "probe connections overlapped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clients_forwarding_headers_never_reach_the_origin() {
+    let (origin, fleet) = fleet(1, 1, "").await;
+    let standalone =
+        NodeProcess::start(bin(), "solo", &[OriginEntry::new(HOST, origin.addr())], "")
+            .await
+            .expect("standalone node");
+    origin.fixed("/fwd", Reply::ok("f").header("cache-control", "no-store"));
+    // What a poisoning attempt sends: another host, another client, another path.
+    let hostile = [
+        ("x-forwarded-host", "evil.test"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-port", "8443"),
+        ("forwarded", "for=6.6.6.6;host=evil.test;proto=https"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+    ];
+    for (name, addr) in [
+        ("tiered", fleet.lowers[0].listen),
+        ("standalone", standalone.listen),
+    ] {
+        let before = origin.requests("/fwd").len();
+        let r = client::get(addr, HOST, "/fwd", &hostile)
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200, "{name}");
+        let seen = origin.requests("/fwd");
+        assert_eq!(seen.len(), before + 1, "{name}");
+        let at_origin = &seen[before];
+        for (field, value) in &at_origin.headers {
+            assert!(
+                !value.contains("evil") && !value.contains("6.6.6.6") && !value.contains("admin"),
+                "{name}: {field}: {value} reached the origin"
+            );
+        }
+        assert_eq!(at_origin.header("x-forwarded-host"), Some(HOST), "{name}");
+        assert_eq!(
+            at_origin.header("x-forwarded-for"),
+            Some("127.0.0.1"),
+            "{name}"
+        );
+        assert_eq!(
+            at_origin.header("x-forwarded-proto"),
+            Some("http"),
+            "{name}"
+        );
+        assert_eq!(
+            at_origin.header("forwarded"),
+            Some("for=127.0.0.1;host=\"example.test\";proto=http"),
+            "{name}"
+        );
+        for gone in [
+            "x-forwarded-port",
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+        ] {
+            assert_eq!(at_origin.header(gone), None, "{name}: {gone}");
+        }
+    }
 }

@@ -168,12 +168,14 @@ impl Proxy {
     }
 
     /// The one place the outgoing request is written, from the frozen context: the key's own
-    /// Host and target (so what is fetched is what the key names), `CDN-Loop`, this attempt's
-    /// control context (to an upper), and the trace headers of this attempt.
+    /// Host and target (so what is fetched is what the key names), the forwarding fields (a
+    /// lower's own, never a client's), `CDN-Loop`, this attempt's control context (to an
+    /// upper), and the trace headers of this attempt.
     pub(super) fn write_upstream_request(
         &self,
         upstream: &mut RequestHeader,
         ctx: &Ctx,
+        client: Option<std::net::IpAddr>,
     ) -> Result<()> {
         let r = ctx
             .request
@@ -185,6 +187,15 @@ impl Proxy {
             .map_err(|_| internal("admitted target does not parse"))?;
         upstream.set_uri(target);
         upstream.insert_header(header::HOST, r.host.as_str())?;
+        if self.config().node.role == crate::config::Role::Lower {
+            // What a client says about where it came from never travels on (it is not keyed).
+            for name in crate::policy::FORWARDING_FIELDS {
+                upstream.remove_header(name);
+            }
+            for (name, value) in crate::policy::forwarding_fields(client, &r.host) {
+                upstream.insert_header(name, value)?;
+            }
+        }
         upstream.append_header("cdn-loop", CDN_LOOP_TOKEN)?;
         let attempt = ctx.progress.attempts.last();
         if let (Some(tier), Some(control)) = (&self.tier, attempt.and_then(|a| a.context.as_ref()))

@@ -180,11 +180,16 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.write_upstream_request(upstream, ctx)
+        let client = session
+            .as_ref()
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        self.write_upstream_request(upstream, ctx, client)
     }
 
     async fn upstream_response_filter(
