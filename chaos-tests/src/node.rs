@@ -30,9 +30,30 @@ const QUIT_REPEAT: Duration = Duration::from_secs(2);
 /// Pause between readiness polls.
 const POLL: Duration = Duration::from_millis(50);
 
-/// A free loopback port, found by binding port 0 and releasing it.
+/// First of the ports [`free_port`] hands out: below Linux's ephemeral range (32768–60999), so
+/// no outgoing connection — of a load generator, a node, anything — can take one between the
+/// moment it is chosen and the moment a node binds it (an ephemeral port from `bind(:0)` could).
+const PORTS_FROM: u32 = 10_000;
+/// How many ports [`free_port`] cycles through (10000–19999; the demo test uses 20000 up).
+const PORTS: u32 = 10_000;
+
+/// A free loopback port for a node to bind: each call in a process gets the next port of a
+/// range outside the ephemeral one (starting where the process id points, so test processes
+/// running side by side start apart), skipping ports something else holds.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % PORTS;
+    for _ in 0..PORTS {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = PORTS_FROM + (start + n) % PORTS;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?);
+        }
+    }
+    anyhow::bail!("no free port in {PORTS_FROM}..{}", PORTS_FROM + PORTS)
 }
 
 /// One origin a node serves.
