@@ -286,6 +286,11 @@ impl ConfigError {
     }
 }
 
+/// The problem with a size written as a bare number `n`.
+fn unit_needed(n: &str) -> String {
+    format!("must name its unit: \"{n}MiB\", or \"{n}B\" if {n} bytes is meant (B, KiB, MiB, GiB)")
+}
+
 /// `"line L, column C"` (a syntax error's key) as `L:C`.
 fn syntax_position(key: &str) -> Option<String> {
     let rest = key.strip_prefix("line ")?;
@@ -514,20 +519,13 @@ impl<'a> Section<'a> {
     fn size(&mut self, name: &'static str, default: u64) -> u64 {
         match self.raw(name) {
             None => default,
-            Some(Value::Integer(n)) => {
-                // `capacity = 256` would silently be 256 bytes: a size always names its unit.
-                let msg = format!(
-                    "must name its unit: \"{n}MiB\", or \"{n}B\" if {n} bytes is meant (B, KiB, MiB, GiB)"
-                );
-                self.problem(name, msg);
+            // `capacity = 256` would silently be 256 bytes: a size always names its unit.
+            Some(bare @ Value::Integer(_)) => {
+                self.problem(name, unit_needed(&bare.to_string()));
                 default
             }
             Some(Value::String(s)) if s.trim().ends_with(|c: char| c.is_ascii_digit()) => {
-                let n = s.trim();
-                let msg = format!(
-                    "must name its unit: \"{n}MiB\", or \"{n}B\" if {n} bytes is meant (B, KiB, MiB, GiB)"
-                );
-                self.problem(name, msg);
+                self.problem(name, unit_needed(s.trim()));
                 default
             }
             Some(Value::String(s)) => match parse_size(s) {

@@ -60,14 +60,7 @@ impl DnsMembership {
             let key = (d.name.clone(), d.port);
             match dns.lookup_all(&d.name, LOOKUP_TIMEOUT).await {
                 Ok((ips, valid)) => {
-                    let mut members: Vec<UpperMember> = ips
-                        .into_iter()
-                        .map(|ip| UpperMember {
-                            addr: SocketAddr::new(ip, d.port),
-                            weight: d.weight,
-                            name: None,
-                        })
-                        .collect();
+                    let mut members = members_of(d, ips);
                     members.sort_by_key(|m| m.addr);
                     members.dedup_by_key(|m| m.addr);
                     known.insert(key, members);
@@ -96,6 +89,17 @@ impl DnsMembership {
     }
 }
 
+/// The members a DNS entry stands for, one per address it resolved to.
+fn members_of(d: &DnsMember, ips: Vec<std::net::IpAddr>) -> Vec<UpperMember> {
+    ips.into_iter()
+        .map(|ip| UpperMember {
+            addr: SocketAddr::new(ip, d.port),
+            weight: d.weight,
+            name: None,
+        })
+        .collect()
+}
+
 /// What `names` resolve to now through `dns`, for a reload that is about to apply them: every
 /// address found, plus — when a lookup fails — the members in `current` (a failed lookup
 /// never removes a member; the membership task sorts it out on its next round).
@@ -108,11 +112,7 @@ pub async fn resolve_for_reload(
     let mut failed = false;
     for d in names {
         match dns.lookup_all(&d.name, LOOKUP_TIMEOUT).await {
-            Ok((ips, _)) => members.extend(ips.into_iter().map(|ip| UpperMember {
-                addr: SocketAddr::new(ip, d.port),
-                weight: d.weight,
-                name: None,
-            })),
+            Ok((ips, _)) => members.extend(members_of(d, ips)),
             Err(DnsError::NoAddress(..)) => {}
             Err(e) => {
                 tracing::warn!(name = %d.name, error = %e, "reload: lookup failed; keeping the members found so far");

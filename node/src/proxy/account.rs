@@ -67,6 +67,14 @@ impl Proxy {
                 .with_label_values(&[kind.label()])
                 .inc();
         }
+        // The line's fields cost allocations: build them only when the line is written.
+        let written = match kind {
+            Kind::Client => tracing::enabled!(target: "stratus::access", tracing::Level::INFO),
+            _ => tracing::enabled!(target: "stratus::access", tracing::Level::DEBUG),
+        };
+        if !written {
+            return;
+        }
         let req = session.req_header();
         let (host, path) = match &ctx.request {
             Some(r) => (r.host.as_str(), r.path_and_query.as_str()),
