@@ -195,6 +195,11 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_string();
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => response(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            (Method::GET, "/metrics" | "/ring")
+                if self.config().admin.guard_reads && !self.authorized(session) =>
+            {
+                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+            }
             (Method::GET, "/metrics") => response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

@@ -132,8 +132,11 @@ pub struct DnsMember {
 /// `[tier]`.
 #[derive(Debug, Clone)]
 pub struct TierConfig {
-    /// Fleet secret for control-context authentication, at least 32 bytes.
+    /// Fleet secret this node signs control contexts with, at least 32 bytes.
     pub secret: Vec<u8>,
+    /// Further secrets accepted from other nodes during a rotation (`accept_secrets`,
+    /// `accept_secret_files`); never used to sign.
+    pub accept_secrets: Vec<Vec<u8>>,
     /// Upper members given by address (lower nodes only).
     pub upper: Vec<UpperMember>,
     /// Upper members given by a DNS name: every address it resolves to is a member (a
@@ -197,8 +200,10 @@ pub struct DnsConfig {
 /// `[admin]`.
 #[derive(Debug, Clone, Default)]
 pub struct AdminConfig {
-    /// Bearer token required by POST endpoints, when set.
+    /// Bearer token required by POST endpoints, when set (`token` or `token_file`).
     pub token: Option<String>,
+    /// Whether `GET /ring` and `GET /metrics` need the token too (`/healthz` never does).
+    pub guard_reads: bool,
 }
 
 /// The configuration in force, replaced whole (and atomically) by a reload. Readers load it
@@ -397,8 +402,34 @@ const DEFAULT_ORIGIN_READ: Duration = Duration::from_secs(30);
 const DEFAULT_SPAN_QUEUE: u64 = 8192;
 /// A collector that takes longer than this is treated as down; spans queue meanwhile.
 const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where the admin API listens when `node.admin_listen` is not set: this host only.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9080);
+
 /// HMAC-SHA256 keys shorter than its output weaken it.
 const MIN_SECRET_LEN: usize = 32;
+
+/// A file holding a secret: refused when other users may read or write it (a group may read
+/// it, as a Kubernetes `fsGroup` mount needs); trailing whitespace is not part of the secret.
+pub fn read_private_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{shown} is open to other users (mode {:04o}); a secret must not be: chmod o-rwx it (0600 or 0640)",
+            mode & 0o7777
+        ));
+    }
+    let mut bytes = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
 
 /// Reads one table's keys, recording problems under a dotted prefix.
 struct Section<'a> {
@@ -453,6 +484,44 @@ impl<'a> Section<'a> {
                 );
                 None
             }
+        }
+    }
+
+    /// A list of strings; absent is empty.
+    fn strings(&mut self, name: &'static str) -> Vec<String> {
+        match self.raw(name) {
+            None => Vec::new(),
+            Some(Value::Array(items)) if items.iter().all(Value::is_str) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            Some(other) => {
+                let found = other.type_str();
+                self.problem(name, format!("must be a list of strings, found {found}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// The secret in file `f` (relative to the config's directory), reported under `key`.
+    fn secret_file(&mut self, key: &str, base_dir: &Path, f: &str) -> Vec<u8> {
+        match read_private_file(&base_dir.join(f)) {
+            Ok(bytes) => bytes,
+            Err(message) => {
+                self.problem(key, message);
+                Vec::new()
+            }
+        }
+    }
+
+    /// A secret must be long enough for HMAC-SHA256 (an unreadable one was reported already).
+    fn check_secret(&mut self, key: &str, secret: &[u8]) {
+        if !secret.is_empty() && secret.len() < MIN_SECRET_LEN {
+            let found = secret.len();
+            self.problem(
+                key,
+                format!("must be at least {MIN_SECRET_LEN} bytes, found {found}"),
+            );
         }
     }
 
@@ -692,7 +761,7 @@ impl Config {
         let tracing_t = table_of(&root, "tracing", &mut seen, &mut problems);
         let tracing = read_tracing(tracing_t, &mut problems);
         let admin_t = table_of(&root, "admin", &mut seen, &mut problems);
-        let admin = read_admin(admin_t, &mut problems);
+        let admin = read_admin(admin_t, base_dir, &mut problems);
         let dns_t = table_of(&root, "dns", &mut seen, &mut problems);
         let dns = read_dns(dns_t, &mut problems);
         seen.insert("origin");
@@ -721,6 +790,15 @@ impl Config {
                 problems.push(Problem {
                     key: "node.admin_listen".into(),
                     message: "must differ from node.listen".into(),
+                });
+            }
+            if !node.admin_listen.ip().is_loopback() && admin.token.is_none() {
+                problems.push(Problem {
+                    key: "node.admin_listen".into(),
+                    message: format!(
+                        "{} is reachable from other hosts: set [admin] token_file (or token) so purges need it, or bind a loopback address",
+                        node.admin_listen
+                    ),
                 });
             }
             match (node.role, &tier) {
@@ -779,10 +857,6 @@ impl Config {
                 self.cache.lock_age_timeout != next.cache.lock_age_timeout,
             ),
             ("tier", self.tier.is_some() != next.tier.is_some()),
-            (
-                "tier.secret",
-                matches!((&self.tier, &next.tier), (Some(x), Some(y)) if x.secret != y.secret),
-            ),
             ("tracing", self.tracing != next.tracing),
         ];
         fixed
@@ -925,7 +999,11 @@ fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfi
         None => None,
     };
     let listen = s.addr("listen");
-    let admin_listen = s.addr("admin_listen");
+    // Loopback unless configured: the admin API purges and discloses the topology.
+    let admin_listen = match s.raw("admin_listen") {
+        None => Some(DEFAULT_ADMIN_LISTEN),
+        Some(_) => s.addr("admin_listen"),
+    };
     let threads = s.integer("threads", 1, 256, DEFAULT_THREADS as i64) as usize;
     let max_request_header_size = s.size("max_request_header_size", DEFAULT_MAX_REQUEST_HEADER);
     let grace_period = s.duration("grace_period", DEFAULT_GRACE_PERIOD);
@@ -980,37 +1058,24 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
             Vec::new()
         }
         (Some(secret), None) => secret.into_bytes(),
-        (None, Some(f)) => {
-            let path = base_dir.join(&f);
-            match std::fs::read(&path) {
-                Ok(mut bytes) => {
-                    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                        bytes.pop();
-                    }
-                    bytes
-                }
-                Err(e) => {
-                    s.problem(
-                        "secret_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    Vec::new()
-                }
-            }
-        }
+        (None, Some(f)) => s.secret_file("secret_file", base_dir, &f),
         (None, None) => {
             s.problem("secret", "is required (or secret_file)");
             Vec::new()
         }
     };
-    if !secret.is_empty() && secret.len() < MIN_SECRET_LEN {
-        s.problem(
-            "secret",
-            format!(
-                "must be at least {MIN_SECRET_LEN} bytes, found {}",
-                secret.len()
-            ),
-        );
+    s.check_secret("secret", &secret);
+    let mut accept_secrets = Vec::new();
+    for (i, inline) in s.strings("accept_secrets").into_iter().enumerate() {
+        let key = format!("accept_secrets[{i}]");
+        s.check_secret(&key, inline.as_bytes());
+        accept_secrets.push(inline.into_bytes());
+    }
+    for (i, f) in s.strings("accept_secret_files").into_iter().enumerate() {
+        let key = format!("accept_secret_files[{i}]");
+        let bytes = s.secret_file(&key, base_dir, &f);
+        s.check_secret(&key, &bytes);
+        accept_secrets.push(bytes);
     }
     let mut upper = Vec::new();
     let mut upper_dns: Vec<DnsMember> = Vec::new();
@@ -1080,6 +1145,7 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     s.finish();
     TierConfig {
         secret,
+        accept_secrets,
         upper,
         upper_dns,
         on_all_upper_down,
@@ -1288,14 +1354,37 @@ fn read_tracing(t: Option<&Table>, problems: &mut Vec<Problem>) -> TracingConfig
     }
 }
 
-fn read_admin(t: Option<&Table>, problems: &mut Vec<Problem>) -> AdminConfig {
+fn read_admin(t: Option<&Table>, base_dir: &Path, problems: &mut Vec<Problem>) -> AdminConfig {
     let mut s = Section::new("admin", t, problems);
-    let token = s.string("token");
+    let inline = s.string("token");
+    let token = match (inline, s.string("token_file")) {
+        (Some(_), Some(_)) => {
+            s.problem("token_file", "give either token or token_file, not both");
+            None
+        }
+        (Some(token), None) => Some(token),
+        (None, Some(f)) => {
+            let bytes = s.secret_file("token_file", base_dir, &f);
+            match String::from_utf8(bytes) {
+                Ok(token) if !token.is_empty() => Some(token),
+                Ok(_) => None,
+                Err(_) => {
+                    s.problem("token_file", "must hold text (a bearer token)");
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+    };
     if token.as_ref().is_some_and(|t| t.len() < 16) {
         s.problem("token", "must be at least 16 characters");
     }
+    let guard_reads = s.boolean("guard_reads", false);
+    if guard_reads && token.is_none() {
+        s.problem("guard_reads", "needs a token (or token_file) to guard with");
+    }
     s.finish();
-    AdminConfig { token }
+    AdminConfig { token, guard_reads }
 }
 
 fn read_dns(t: Option<&Table>, problems: &mut Vec<Problem>) -> DnsConfig {

@@ -18,8 +18,8 @@ use parking_lot::Mutex;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use stratus_tiering::{
-    Acceptor, ContextError, ControlContext, FleetSecret, Health, HealthBook, Member, Outcome,
-    Probe, ProbeFailure, RequestIdentity, RequestLine, Ring, TierView,
+    Acceptor, ContextError, ControlContext, FleetSecret, Health, HealthBook, Keyring, Member,
+    Outcome, Probe, ProbeFailure, RequestIdentity, RequestLine, Ring, TierView,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -63,10 +63,22 @@ enum HealthEvent {
     Reconfigure(Vec<Member>, u32, u32, tokio::sync::oneshot::Sender<()>),
 }
 
+/// The keyring `[tier]` describes: `secret` signs, it and every `accept_secrets` entry are
+/// accepted.
+fn keyring(settings: &TierConfig) -> Keyring {
+    let accepted = settings
+        .accept_secrets
+        .iter()
+        .cloned()
+        .map(FleetSecret::new);
+    Keyring::new(FleetSecret::new(settings.secret.clone()), accepted)
+}
+
 /// Tier state shared by the proxy, the admin API and the health task.
 pub struct Tier {
-    /// The fleet secret for control contexts.
-    pub secret: FleetSecret,
+    /// The fleet secrets for control contexts: one signs, all are accepted; a reload may
+    /// rotate them.
+    keys: ArcSwap<Keyring>,
     /// Settings from `[tier]`, replaced whole by a reload.
     settings: ArcSwap<TierConfig>,
     /// Members found through `[tier].upper` DNS names (by the membership task).
@@ -146,7 +158,7 @@ impl Tier {
             Role::Lower => Vec::new(),
         };
         Ok(Some(Arc::new(Tier {
-            secret: FleetSecret::new(settings.secret.clone()),
+            keys: ArcSwap::from_pointee(keyring(&settings)),
             view: ArcSwap::from_pointee(book.view()),
             settings: ArcSwap::from_pointee(settings),
             resolved: ArcSwap::from_pointee(Vec::new()),
@@ -171,6 +183,11 @@ impl Tier {
         self.settings.load().has_upper()
     }
 
+    /// The secrets in force: the first signs, all are accepted.
+    pub fn keys(&self) -> Arc<Keyring> {
+        self.keys.load_full()
+    }
+
     /// The `[tier]` settings in force.
     pub fn settings(&self) -> Arc<TierConfig> {
         self.settings.load_full()
@@ -191,11 +208,13 @@ impl Tier {
         let resolved = resolved.unwrap_or_else(|| self.resolved.load().to_vec());
         Ring::new(ring_members(&settings, &resolved))?;
         let names_changed = settings.upper_dns != self.settings.load().upper_dns;
+        let keys_before = self.keys.swap(Arc::new(keyring(&settings)));
         let before = self.settings.swap(Arc::new(settings));
         let found_before = self.resolved.swap(Arc::new(resolved));
         if let Err(e) = self.publish_members().await {
             self.settings.store(before);
             self.resolved.store(found_before);
+            self.keys.store(keys_before);
             return Err(e);
         }
         if names_changed {
@@ -300,10 +319,11 @@ impl Tier {
     ) -> Result<ControlContext, ContextError> {
         let value = value.ok_or(ContextError::Missing)?;
         if refresh {
-            return ControlContext::verify(value, &self.secret, line);
+            return ControlContext::verify(value, &self.keys.load(), line);
         }
+        let keys = self.keys.load();
         let acceptor = Acceptor {
-            secret: &self.secret,
+            keys: &keys,
             identities: &self.identities,
             not_before: self.started,
         };
@@ -391,7 +411,7 @@ impl Tier {
         );
         let ctx = self.issue(&identity, addr);
         let value = ctx.encode(
-            &self.secret,
+            self.keys.load().signing(),
             RequestLine {
                 method: "PURGE",
                 target: path,
@@ -431,7 +451,7 @@ impl Tier {
         );
         let ctx = self.issue(&identity, member);
         let value = ctx.encode(
-            &self.secret,
+            self.keys.load().signing(),
             RequestLine {
                 method: "GET",
                 target: HEALTH_PATH,
@@ -725,7 +745,7 @@ address = "127.0.0.1:9000"
     fn context(tier: &Tier, recipient: &str, issued: SystemTime) -> String {
         RequestIdentity::new("example.test", "k", "r", "edge-1")
             .issue(recipient, rand::random(), issued)
-            .encode(&tier.secret, line())
+            .encode(tier.keys().signing(), line())
     }
 
     fn line() -> RequestLine<'static> {

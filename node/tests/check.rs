@@ -13,6 +13,16 @@ fn check(text: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("node.toml");
     std::fs::write(&path, text).expect("write");
+    // The secret and token files the README's example names, private as `stratus check` demands.
+    for (file, body) in [
+        ("tier-secret", "0123456789abcdef0123456789abcdef-readme\n"),
+        ("admin-token", "admin-token-0123456789-readme\n"),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, body).expect("write");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+    }
     let out = Command::new(bin())
         .args(["check", "--config"])
         .arg(&path)

@@ -33,7 +33,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs `stratus check` on a config as deployed, with its deployment-time parts filled in:
-/// pod name and IP placeholders, and the secret file (mounted at run time) given inline.
+/// pod name and IP placeholders, and the secret and token files (mounted at run time) inline.
 fn check_config(origin: &str, text: &str) {
     let filled: String = text
         .replace("@POD_NAME@", "pod-0")
@@ -42,6 +42,8 @@ fn check_config(origin: &str, text: &str) {
         .map(|l| {
             if l.trim_start().starts_with("secret_file") {
                 "secret = \"0123456789abcdef0123456789abcdef-deploy\"".to_string()
+            } else if l.trim_start().starts_with("token_file") {
+                "token = \"admin-token-0123456789-deploy\"".to_string()
             } else {
                 l.to_string()
             }

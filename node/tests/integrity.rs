@@ -774,3 +774,137 @@ async fn a_clients_forwarding_headers_never_reach_the_origin() {
         }
     }
 }
+
+/// A live secret rotation in three reloads (accept the new one, sign with it, drop the old):
+/// every node keeps serving through the tiers, no member is marked down, and afterwards a
+/// context signed with the old secret — a leaked one — is refused by key id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secret_rotates_by_reloads_without_a_failed_request() {
+    let (origin, mut fleet) = fleet(1, 2, "").await;
+    origin.fallback(|req, _| Reply::ok(format!("at {}", req.path)));
+    const NEW: &str = "rotated-fleet-secret-fedcba9876543210";
+    let steps = [
+        format!("secret = \"{TEST_SECRET}\"\naccept_secrets = [\"{NEW}\"]"),
+        format!("secret = \"{NEW}\"\naccept_secrets = [\"{TEST_SECRET}\"]"),
+        format!("secret = \"{NEW}\""),
+    ];
+    let lower = fleet.lowers[0].listen;
+    let mut n = 0;
+    for step in &steps {
+        // Uppers and lowers alternately, so every mix of old and new configs is served.
+        let nodes = fleet.uppers.iter_mut().chain(fleet.lowers.iter_mut());
+        for node in nodes {
+            let toml: String = node
+                .config_text()
+                .expect("config")
+                .lines()
+                .filter(|l| !l.starts_with("secret = ") && !l.starts_with("accept_secrets = "))
+                .map(|l| match l {
+                    "[tier]" => format!("[tier]\n{step}\n"),
+                    l => format!("{l}\n"),
+                })
+                .collect();
+            node.reload(&toml, "ok").await.expect("reload applied");
+            n += 1;
+            let r = client::get(lower, HOST, &format!("/rot/{n}"), &[])
+                .await
+                .expect("exchange");
+            assert_eq!(r.status, 200, "after reload {n}: {}", r.cache_status());
+            assert!(r.cache_status().contains("up-"), "{}", r.cache_status());
+        }
+    }
+    assert_members_stay_up(&fleet, "after a rotation").await;
+    let leaked = signed_context(HOST, "/rot/leak", "up-1", TEST_SECRET, SystemTime::now());
+    let r = client::get(
+        fleet.uppers[0].listen,
+        HOST,
+        "/rot/leak",
+        &[("stratus-ctx", &leaked)],
+    )
+    .await
+    .expect("exchange");
+    assert_eq!(r.status, 403);
+    assert!(
+        r.cache_status().contains("unknown-context-key"),
+        "{}",
+        r.cache_status()
+    );
+    assert_eq!(origin.count("/rot/leak"), 0);
+}
+
+/// The admin API's guards: with a token, a purge without it is refused (401) and purges
+/// nothing; with `guard_reads`, `/ring` and `/metrics` too, while `/healthz` stays open for
+/// load balancers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_token_guards_purges_and_optionally_reads() {
+    let (origin, mut fleet) = fleet(1, 1, "").await;
+    origin.route("/adm", |_, nth| {
+        Reply::ok(format!("v{nth}")).header("cache-control", "max-age=600")
+    });
+    let lower = fleet.lowers[0].listen;
+    let admin = fleet.lowers[0].admin;
+    let first = client::get(lower, HOST, "/adm", &[])
+        .await
+        .expect("exchange");
+    const TOKEN: &str = "admin-token-0123456789";
+    let toml = fleet.lowers[0].config_text().expect("config");
+    let with_token = format!("{toml}\n[admin]\ntoken = \"{TOKEN}\"\n");
+    fleet.lowers[0]
+        .reload(&with_token, "ok")
+        .await
+        .expect("reload");
+    let purge = |auth: Option<&'static str>| async move {
+        let body = "{\"url\": \"http://example.test/adm\"}";
+        let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let raw = format!(
+            "POST /purge HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client::send_raw(admin, raw.as_bytes(), false)
+            .await
+            .expect("purge")
+    };
+    for wrong in [None, Some("admin-token-012345678X"), Some("short")] {
+        assert_eq!(purge(wrong).await.status, 401, "{wrong:?}");
+    }
+    let hit = client::get(lower, HOST, "/adm", &[])
+        .await
+        .expect("exchange");
+    assert_eq!(hit.text(), first.text(), "a refused purge purged nothing");
+    // Reads guarded too (the reload cannot be counted through the now guarded /metrics).
+    fleet.lowers[0]
+        .rewrite_config(&format!("{with_token}guard_reads = true\n"))
+        .expect("rewrite");
+    fleet.lowers[0]
+        .signal(stratus_chaos::Signal::SIGHUP)
+        .expect("SIGHUP");
+    let guarded = eventually(Duration::from_secs(10), || async {
+        client::get(admin, "admin", "/ring", &[])
+            .await
+            .is_ok_and(|r| r.status == 401)
+    })
+    .await;
+    assert!(guarded, "the reload guarded /ring");
+    for path in ["/ring", "/metrics"] {
+        let bare = client::get(admin, "admin", path, &[]).await.expect("get");
+        assert_eq!(bare.status, 401, "{path}");
+        let auth = format!("Bearer {TOKEN}");
+        let ok = client::get(admin, "admin", path, &[("authorization", &auth)])
+            .await
+            .expect("get");
+        assert_eq!(ok.status, 200, "{path}");
+    }
+    let health = client::get(admin, "admin", "/healthz", &[])
+        .await
+        .expect("get");
+    assert_eq!(health.status, 200);
+    assert_eq!(purge(Some(TOKEN)).await.status, 200);
+    let after = client::get(lower, HOST, "/adm", &[])
+        .await
+        .expect("exchange");
+    assert_ne!(
+        after.text(),
+        first.text(),
+        "the authorized purge removed it"
+    );
+}

@@ -8,11 +8,17 @@
 //! another upper refuses it and a replay is caught by the nonce.
 //!
 //! Fields are private and have no setters: code that needs a different context builds a new
-//! value. The wire form is `base64url(payload) "." base64url(tag)`, where
-//! `tag = HMAC-SHA256(secret, "stratus-ctx/2\n" method " " target "\n" payload)`, so the tag
-//! binds the fields to the request line they travel with. Decoding checks the size first, then
-//! the tag (constant-time, by the `hmac` crate) and only then parses the payload, so no
-//! unauthenticated bytes reach the JSON parser.
+//! value. The wire form is `key_id "." base64url(payload) "." base64url(tag)`, where
+//! `tag = HMAC-SHA256(secret, "stratus-ctx/3\n" key_id "\n" method " " target "\n" payload)`,
+//! so the tag binds the fields to the request line they travel with. Decoding checks the size
+//! first, then the key id against the node's [`Keyring`], then the tag (constant-time, by the
+//! `hmac` crate) and only then parses the payload, so no unauthenticated bytes reach the JSON
+//! parser.
+//!
+//! Secrets rotate without downtime: a node signs with one secret and accepts every secret of
+//! its keyring, each named by a key id derived from the secret itself (so two nodes can never
+//! disagree about what an id means). A fleet first adds the new secret as accepted everywhere,
+//! then signs with it everywhere, then drops the old one.
 //!
 //! An upper node answers errors it generated itself with a [`GeneratedMark`] bound to the
 //! context's nonce: the lower learns who failed (the member, its origin, or the request), and
@@ -37,30 +43,103 @@ pub const MAX_SKEW: Duration = Duration::from_secs(2);
 /// Hops a request may take between stratus nodes: lower → upper is one.
 pub const MAX_HOPS: u8 = 2;
 
-const DOMAIN: &[u8] = b"stratus-ctx/2\n";
+const DOMAIN: &[u8] = b"stratus-ctx/3\n";
+const KEY_ID_DOMAIN: &[u8] = b"stratus-key-id/1\n";
+/// Length of a key id: hex of the first 8 bytes of a SHA-256 over the secret.
+pub const KEY_ID_LEN: usize = 16;
 const MARK_DOMAIN: &[u8] = b"stratus-generated/1\n";
 const TAG_LEN: usize = 32;
 const MAX_FIELD: usize = 253;
 
-/// The fleet secret: at least 32 bytes, never printed.
+/// A fleet secret: at least 32 bytes, never printed; named by a key id derived from it.
 #[derive(Clone)]
-pub struct FleetSecret(Vec<u8>);
+pub struct FleetSecret {
+    bytes: Vec<u8>,
+    id: String,
+}
 
 impl FleetSecret {
     /// Wraps the secret bytes (length is validated by config).
     pub fn new(bytes: Vec<u8>) -> FleetSecret {
-        FleetSecret(bytes)
+        use sha2::Digest;
+        let digest = Sha256::new()
+            .chain_update(KEY_ID_DOMAIN)
+            .chain_update(&bytes)
+            .finalize();
+        let id = hex_lower(&digest[..KEY_ID_LEN / 2]);
+        FleetSecret { bytes, id }
+    }
+
+    /// The key id that names this secret on the wire: public, and the same on every node.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     fn mac(&self) -> Hmac<Sha256> {
         // HMAC accepts keys of any length; this cannot fail.
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.bytes).unwrap_or_else(|_| unreachable!())
     }
 }
 
+impl PartialEq for FleetSecret {
+    fn eq(&self, other: &FleetSecret) -> bool {
+        self.id == other.id && self.bytes == other.bytes
+    }
+}
+
+impl Eq for FleetSecret {}
+
 impl std::fmt::Debug for FleetSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FleetSecret(..)")
+        write!(f, "FleetSecret({})", self.id)
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The secrets a node holds: the first signs what it sends, every one is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyring {
+    keys: Vec<FleetSecret>,
+}
+
+impl Keyring {
+    /// A keyring signing with `signing` and also accepting `accepted` (duplicates dropped).
+    pub fn new(signing: FleetSecret, accepted: impl IntoIterator<Item = FleetSecret>) -> Keyring {
+        let mut keys = vec![signing];
+        for k in accepted {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        Keyring { keys }
+    }
+
+    /// The secret this node signs with.
+    pub fn signing(&self) -> &FleetSecret {
+        &self.keys[0]
+    }
+
+    /// The accepted secret named `id`.
+    pub fn find(&self, id: &str) -> Option<&FleetSecret> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+
+    /// Every accepted key id, the signing one first.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.id.as_str())
+    }
+}
+
+impl From<FleetSecret> for Keyring {
+    fn from(secret: FleetSecret) -> Keyring {
+        Keyring::new(secret, [])
     }
 }
 
@@ -111,6 +190,7 @@ impl RequestIdentity {
             issued_at_ms: millis(now),
             nonce: format!("{nonce:032x}"),
             recipient: recipient.to_string(),
+            key_id: String::new(),
         }
     }
 }
@@ -135,13 +215,17 @@ pub struct ControlContext {
     nonce: String,
     #[serde(rename = "to")]
     recipient: String,
+    /// The key id a received context was verified with (not part of the payload: the wire
+    /// form carries it in front), so a mark answers with the same secret.
+    #[serde(skip)]
+    key_id: String,
 }
 
 /// What an upper node checks a received context against, besides the secret.
 #[derive(Debug, Clone, Copy)]
 pub struct Acceptor<'a> {
-    /// The fleet secret.
-    pub secret: &'a FleetSecret,
+    /// The secrets accepted.
+    pub keys: &'a Keyring,
     /// Names this node answers to as a recipient (its `node.name` and its listen address).
     pub identities: &'a [String],
     /// When this node started: contexts issued earlier are refused, so a replay does not
@@ -195,9 +279,16 @@ impl ControlContext {
         UNIX_EPOCH + Duration::from_millis(self.issued_at_ms)
     }
 
+    /// The id of the key a received context was verified with (empty on one issued here).
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
     fn tag(secret: &FleetSecret, line: RequestLine<'_>, payload: &[u8]) -> Hmac<Sha256> {
         let mut mac = secret.mac();
         mac.update(DOMAIN);
+        mac.update(secret.id.as_bytes());
+        mac.update(b"\n");
         mac.update(line.method.as_bytes());
         mac.update(b" ");
         mac.update(line.target.as_bytes());
@@ -206,13 +297,14 @@ impl ControlContext {
         mac
     }
 
-    /// The `stratus-ctx` header value binding this context to `line`.
+    /// The `stratus-ctx` header value binding this context to `line`, signed with `secret`.
     pub fn encode(&self, secret: &FleetSecret, line: RequestLine<'_>) -> String {
         // Serializing plain strings and integers cannot fail.
         let payload = serde_json::to_vec(self).unwrap_or_default();
         let tag = Self::tag(secret, line, &payload).finalize().into_bytes();
         format!(
-            "{}.{}",
+            "{}.{}.{}",
+            secret.id,
             URL_SAFE_NO_PAD.encode(&payload),
             URL_SAFE_NO_PAD.encode(tag)
         )
@@ -222,13 +314,18 @@ impl ControlContext {
     /// recipient: for a refresh this node spawned itself from a request it already accepted.
     pub fn verify(
         value: &str,
-        secret: &FleetSecret,
+        keys: &Keyring,
         line: RequestLine<'_>,
     ) -> Result<ControlContext, ContextError> {
         if value.len() > MAX_ENCODED_LEN {
             return Err(ContextError::TooLarge);
         }
-        let (payload_b64, tag_b64) = value.split_once('.').ok_or(ContextError::Malformed)?;
+        let (key_id, rest) = value.split_once('.').ok_or(ContextError::Malformed)?;
+        if key_id.len() != KEY_ID_LEN {
+            return Err(ContextError::Malformed);
+        }
+        let secret = keys.find(key_id).ok_or(ContextError::UnknownKey)?;
+        let (payload_b64, tag_b64) = rest.split_once('.').ok_or(ContextError::Malformed)?;
         let payload = URL_SAFE_NO_PAD
             .decode(payload_b64)
             .map_err(|_| ContextError::Malformed)?;
@@ -241,8 +338,9 @@ impl ControlContext {
         Self::tag(secret, line, &payload)
             .verify_slice(&tag)
             .map_err(|_| ContextError::BadSignature)?;
-        let ctx: ControlContext =
+        let mut ctx: ControlContext =
             serde_json::from_slice(&payload).map_err(|_| ContextError::Malformed)?;
+        ctx.key_id = secret.id.clone();
         let fields = [
             &ctx.origin_host,
             &ctx.cache_key,
@@ -268,7 +366,7 @@ impl ControlContext {
         line: RequestLine<'_>,
         now: SystemTime,
     ) -> Result<ControlContext, ContextError> {
-        let ctx = Self::verify(value, acceptor.secret, line)?;
+        let ctx = Self::verify(value, acceptor.keys, line)?;
         if !acceptor.identities.contains(&ctx.recipient) {
             return Err(ContextError::WrongRecipient);
         }
@@ -300,8 +398,9 @@ impl ControlContext {
 
     /// The `stratus-generated` value an upper puts on an error it generated while serving
     /// this context: who failed, why, and a tag only a holder of the secret who saw this
-    /// context's nonce can make.
-    pub fn mark(&self, secret: &FleetSecret, blame: Blame, detail: &str) -> String {
+    /// context's nonce can make. Signed with the key the context came with.
+    pub fn mark(&self, keys: &Keyring, blame: Blame, detail: &str) -> String {
+        let secret = keys.find(&self.key_id).unwrap_or(keys.signing());
         let tag = self.mark_tag(secret, blame, detail).finalize().into_bytes();
         format!(
             "{}; {}; {}",
@@ -313,7 +412,7 @@ impl ControlContext {
 
     /// Reads a `stratus-generated` value received in answer to this context. `None` when it
     /// is not a valid mark for this context (an origin's header, a forgery, another nonce).
-    pub fn read_mark(&self, secret: &FleetSecret, value: &str) -> Option<GeneratedMark> {
+    pub fn read_mark(&self, keys: &Keyring, value: &str) -> Option<GeneratedMark> {
         let mut parts = value.splitn(3, ';').map(str::trim);
         let blame = Blame::parse(parts.next()?)?;
         let detail = parts.next()?;
@@ -321,9 +420,10 @@ impl ControlContext {
         if detail.len() > MAX_FIELD || tag.len() != TAG_LEN {
             return None;
         }
-        self.mark_tag(secret, blame, detail)
-            .verify_slice(&tag)
-            .ok()?;
+        // Any accepted key: a reload may have rotated the signing key since this was sent.
+        keys.keys
+            .iter()
+            .find(|k| self.mark_tag(k, blame, detail).verify_slice(&tag).is_ok())?;
         Some(GeneratedMark {
             blame,
             detail: detail.to_string(),

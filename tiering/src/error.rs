@@ -27,9 +27,12 @@ pub enum ContextError {
     /// Longer than the parser accepts.
     #[error("control context too large")]
     TooLarge,
-    /// Not `payload.tag` in base64url, or an unreadable payload.
+    /// Not `key_id.payload.tag` in base64url, or an unreadable payload.
     #[error("malformed control context")]
     Malformed,
+    /// Signed with a key id this node does not hold (a retired or a future secret).
+    #[error("control context signed with an unknown key")]
+    UnknownKey,
     /// The HMAC does not match: forged, altered, other secret, or another request line.
     #[error("control context signature mismatch")]
     BadSignature,
@@ -64,6 +67,7 @@ impl ContextError {
             ContextError::TooLarge => "context-too-large",
             ContextError::Malformed => "malformed-context",
             ContextError::BadSignature => "bad-context-signature",
+            ContextError::UnknownKey => "unknown-context-key",
             ContextError::Expired => "expired-context",
             ContextError::FromFuture => "future-context",
             ContextError::Replayed => "replayed-context",

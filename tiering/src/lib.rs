@@ -13,7 +13,8 @@ pub mod ring;
 pub mod view;
 
 pub use context::{
-    Acceptor, Blame, ControlContext, FleetSecret, GeneratedMark, RequestIdentity, RequestLine,
+    Acceptor, Blame, ControlContext, FleetSecret, GeneratedMark, Keyring, RequestIdentity,
+    RequestLine,
 };
 pub use error::{ContextError, TierError};
 pub use failure::{decide, Failure, HopKind, Party, Stage, Symptom, Verdict};

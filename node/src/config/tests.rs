@@ -212,6 +212,25 @@ fn a_reload_refuses_what_needs_a_restart_and_nothing_else() {
         let next = with(from, to);
         assert!(running.reload_refusals(&next).is_empty(), "{to}");
     }
+    // A secret rotation, step by step: accept a new secret, sign with it, drop the old one.
+    let upper = |tier: &str| {
+        let text = GOOD.replace("role = \"lower\"", "role = \"upper\"");
+        let text = text.replace("[[origin]]", &format!("[tier]\n{tier}\n\n[[origin]]"));
+        Config::parse(&text, Path::new(".")).expect("valid")
+    };
+    let (old, new) = (
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+    );
+    let steps = [
+        upper(&format!("secret = \"{old}\"")),
+        upper(&format!("secret = \"{old}\"\naccept_secrets = [\"{new}\"]")),
+        upper(&format!("secret = \"{new}\"\naccept_secrets = [\"{old}\"]")),
+        upper(&format!("secret = \"{new}\"")),
+    ];
+    for pair in steps.windows(2) {
+        assert!(pair[0].reload_refusals(&pair[1]).is_empty());
+    }
     // Fixed for the process's life: each refused at its key.
     for (from, to, key) in [
         ("edge-1", "edge-2", "node.name"),
@@ -311,4 +330,88 @@ fn check_catches_what_would_silently_misbehave() {
         "{problems:?}"
     );
     assert!(!problems[0].to_string().contains('\n'), "{problems:?}");
+}
+
+/// Secret files: relative to the config, trailing newline dropped, group-readable allowed (a
+/// Kubernetes `fsGroup` mount), anything open to other users refused at its key.
+#[test]
+fn secret_files_must_be_private_and_accepted_secrets_long() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, body: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    write("signing", "0123456789abcdef0123456789abcdef\n", 0o600);
+    write("old", "fedcba9876543210fedcba9876543210\n", 0o640);
+    write("open", "00112233445566778899aabbccddeeff\n", 0o644);
+    let inline = "secret = \"0123456789abcdef0123456789abcdef\"";
+    let parse = |tier: &str| {
+        let text = GOOD.replace("role = \"lower\"", "role = \"upper\"");
+        let text = text.replace("[[origin]]", &format!("[tier]\n{tier}\n\n[[origin]]"));
+        Config::parse(&text, dir.path())
+    };
+    let ok = parse("secret_file = \"signing\"\naccept_secret_files = [\"old\"]").expect("valid");
+    let tier = ok.tier.expect("tier");
+    assert_eq!(tier.secret, b"0123456789abcdef0123456789abcdef");
+    assert_eq!(
+        tier.accept_secrets,
+        [b"fedcba9876543210fedcba9876543210".to_vec()]
+    );
+    let refused = parse("secret_file = \"open\"\naccept_secret_files = [\"signing\", \"open\"]")
+        .expect_err("a world-readable secret");
+    assert_eq!(
+        keys(&refused),
+        ["tier.secret_file", "tier.accept_secret_files[1]"]
+    );
+    assert!(
+        refused[0].message.contains("mode 0644"),
+        "{}",
+        refused[0].message
+    );
+    let short = parse(&format!("{inline}\naccept_secrets = [\"short\"]")).expect_err("short");
+    assert_eq!(keys(&short), ["tier.accept_secrets[0]"]);
+}
+
+/// The admin API listens on loopback unless told otherwise, and anywhere else only with a
+/// token; a token file is held to the secret file's rules.
+#[test]
+fn the_admin_api_is_loopback_unless_a_token_guards_it() {
+    let no_admin = GOOD.replace("admin_listen = \"127.0.0.1:9080\"\n", "");
+    let c = Config::parse(&no_admin, Path::new(".")).expect("valid");
+    assert_eq!(c.node.admin_listen, DEFAULT_ADMIN_LISTEN);
+    assert!(c.node.admin_listen.ip().is_loopback());
+    let open = GOOD.replace("127.0.0.1:9080", "0.0.0.0:9080");
+    let problems = Config::parse(&open, Path::new(".")).expect_err("no token");
+    assert_eq!(keys(&problems), ["node.admin_listen"]);
+    assert!(
+        problems[0].message.contains("token"),
+        "{}",
+        problems[0].message
+    );
+    let guarded = format!("{open}\n[admin]\ntoken = \"0123456789abcdef-admin\"\n");
+    assert!(Config::parse(&guarded, Path::new(".")).is_ok());
+    let reads = format!("{GOOD}\n[admin]\nguard_reads = true\n");
+    let problems = Config::parse(&reads, Path::new(".")).expect_err("nothing to guard with");
+    assert_eq!(keys(&problems), ["admin.guard_reads"]);
+
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "0123456789abcdef-admin\n").expect("write");
+    let with_file = format!("{open}\n[admin]\ntoken_file = \"admin-token\"\n");
+    for (mode, ok) in [(0o600, true), (0o440, true), (0o604, false)] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        match Config::parse(&with_file, dir.path()) {
+            Ok(c) => {
+                assert!(ok, "{mode:o} accepted");
+                assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef-admin"));
+            }
+            Err(p) => {
+                assert!(!ok, "{mode:o} refused: {p:?}");
+                assert_eq!(keys(&p), ["admin.token_file", "node.admin_listen"]);
+            }
+        }
+    }
 }

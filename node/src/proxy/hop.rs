@@ -206,7 +206,7 @@ impl Proxy {
                 method: upstream.method.as_str(),
                 target: sent,
             };
-            upstream.insert_header(CONTROL_HEADER, control.encode(&tier.secret, line))?;
+            upstream.insert_header(CONTROL_HEADER, control.encode(tier.keys().signing(), line))?;
         }
         // Tracing contributes only these pairs (none when it is off); they replace the
         // caller's traceparent/tracestate so the next hop's parent is our CLIENT span.
@@ -248,7 +248,7 @@ impl Proxy {
                     attempt
                         .context
                         .as_ref()
-                        .and_then(|c| c.read_mark(&tier.secret, &m))
+                        .and_then(|c| c.read_mark(&tier.keys(), &m))
                         .map_or(Blame::Member, |mark| mark.blame)
                 });
                 if blame == Some(Blame::Member) {

@@ -126,7 +126,7 @@ impl Proxy {
                 method: req.method.as_str(),
                 target,
             };
-            ControlContext::verify(value, &tier.secret, line).ok()
+            ControlContext::verify(value, &tier.keys(), line).ok()
         });
         // The failure decision's verdict, when there was one, says who failed better than the
         // status alone (a 504 after a client stalled its body is the client's).
@@ -143,7 +143,7 @@ impl Proxy {
             _ => g.blame(),
         };
         Some(match control {
-            Some(c) => c.mark(&tier.secret, blame, g.detail()),
+            Some(c) => c.mark(&tier.keys(), blame, g.detail()),
             None => format!("{}; {}", blame.as_str(), g.detail()),
         })
     }

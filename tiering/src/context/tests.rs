@@ -31,8 +31,9 @@ fn decode_at(
     now: SystemTime,
 ) -> Result<ControlContext, ContextError> {
     let ids = identities();
+    let keys = Keyring::from(s.clone());
     let acceptor = Acceptor {
-        secret: s,
+        keys: &keys,
         identities: &ids,
         not_before: at(0),
     };
@@ -68,7 +69,11 @@ proptest! {
         let s = secret(7);
         let v = ctx.encode(&s, line("GET", &target));
         prop_assert!(v.len() <= MAX_ENCODED_LEN);
-        let back = decode_at(&v, &s, line("GET", &target), at(issued + delay));
+        let back = decode_at(&v, &s, line("GET", &target), at(issued + delay)).map(|mut c| {
+            assert_eq!(c.key_id(), s.id(), "verified with the key it was signed with");
+            c.key_id.clear();
+            c
+        });
         prop_assert_eq!(back, Ok(ctx));
     }
 
@@ -86,7 +91,10 @@ proptest! {
     fn wrong_secret_or_other_request_line_is_refused((ctx, issued) in any_ctx(), other in 0u8..255) {
         prop_assume!(other != 7);
         let v = ctx.encode(&secret(7), line("GET", "/x"));
-        prop_assert_eq!(decode_at(&v, &secret(other), line("GET", "/x"), at(issued)), Err(ContextError::BadSignature));
+        prop_assert_eq!(decode_at(&v, &secret(other), line("GET", "/x"), at(issued)), Err(ContextError::UnknownKey));
+        // Another secret presented under this key's id: the tag still does not match.
+        let forged = format!("{}{}", secret(7).id(), &ctx.encode(&secret(other), line("GET", "/x"))[KEY_ID_LEN..]);
+        prop_assert_eq!(decode_at(&forged, &secret(7), line("GET", "/x"), at(issued)), Err(ContextError::BadSignature));
         prop_assert_eq!(decode_at(&v, &secret(7), line("GET", "/y"), at(issued)), Err(ContextError::BadSignature));
         prop_assert_eq!(decode_at(&v, &secret(7), line("HEAD", "/x"), at(issued)), Err(ContextError::BadSignature));
     }
@@ -121,7 +129,52 @@ proptest! {
 
 #[test]
 fn debug_never_prints_the_secret() {
-    assert_eq!(format!("{:?}", secret(b'z')), "FleetSecret(..)");
+    let shown = format!("{:?}", secret(b'z'));
+    assert_eq!(shown, format!("FleetSecret({})", secret(b'z').id()));
+    assert!(!shown.contains("zzzz"));
+}
+
+#[test]
+fn key_ids_name_secrets_the_same_everywhere_and_differ_between_them() {
+    assert_eq!(secret(1).id(), FleetSecret::new(vec![1; 32]).id());
+    assert_ne!(secret(1).id(), secret(2).id());
+    assert_eq!(secret(1).id().len(), KEY_ID_LEN);
+    assert!(secret(1).id().bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+/// A rotation: while the old secret is still accepted, a node signing with the new one is
+/// understood by a node that signs with the old one and accepts the new, and the other way
+/// round; once the old one is dropped its contexts are refused by key id.
+#[test]
+fn a_rotation_keeps_both_directions_working_until_the_old_secret_is_dropped() {
+    let (old, new) = (secret(1), secret(2));
+    let ids = identities();
+    let ctx = RequestIdentity::new("h", "k", "r", "n").issue(ME, 1, at(5_000));
+    let by_old = ctx.encode(&old, line("GET", "/"));
+    let by_new = ctx.encode(&new, line("GET", "/"));
+    let decode = |v: &str, keys: &Keyring| {
+        let acceptor = Acceptor {
+            keys,
+            identities: &ids,
+            not_before: at(0),
+        };
+        ControlContext::decode(v, &acceptor, line("GET", "/"), at(5_000))
+    };
+    let adding = Keyring::new(old.clone(), [new.clone()]);
+    let switched = Keyring::new(new.clone(), [old.clone()]);
+    let done = Keyring::from(new.clone());
+    for keys in [&adding, &switched] {
+        assert!(decode(&by_old, keys).is_ok());
+        assert!(decode(&by_new, keys).is_ok());
+    }
+    assert!(decode(&by_new, &done).is_ok());
+    assert_eq!(decode(&by_old, &done), Err(ContextError::UnknownKey));
+    // An upper marks with the key the context came with; the sender reads it either way.
+    let received = decode(&by_old, &switched).expect("accepted");
+    assert_eq!(received.key_id(), old.id());
+    let mark = received.mark(&switched, Blame::Origin, "read-timeout");
+    assert!(ctx.read_mark(&adding, &mark).is_some());
+    assert_eq!(ctx.read_mark(&done, &mark), None);
 }
 
 #[test]
@@ -158,10 +211,11 @@ proptest! {
         let s = secret(7);
         let v = ctx.encode(&s, line("GET", "/x"));
         let ids = vec![other];
-        let elsewhere = Acceptor { secret: &s, identities: &ids, not_before: at(0) };
+        let keys = Keyring::from(s.clone());
+        let elsewhere = Acceptor { keys: &keys, identities: &ids, not_before: at(0) };
         prop_assert_eq!(ControlContext::decode(&v, &elsewhere, line("GET", "/x"), at(issued)), Err(ContextError::WrongRecipient));
         let ids = identities();
-        let restarted = Acceptor { secret: &s, identities: &ids, not_before: at(issued + 1) };
+        let restarted = Acceptor { keys: &keys, identities: &ids, not_before: at(issued + 1) };
         prop_assert_eq!(ControlContext::decode(&v, &restarted, line("GET", "/x"), at(issued + 2)), Err(ContextError::BeforeStart));
     }
 
@@ -170,14 +224,14 @@ proptest! {
     #[test]
     fn marks_are_bound_to_their_context(a in any::<u128>(), b in any::<u128>(), detail in "[a-z-]{1,30}", junk in "[ -~]{0,80}") {
         prop_assume!(a != b);
-        let s = secret(7);
+        let s = Keyring::from(secret(7));
         let id = RequestIdentity::new("example.test", "abc", "r1", "edge-1");
         let (mine, other) = (id.issue(ME, a, at(5)), id.issue(ME, b, at(5)));
         for blame in Blame::ALL {
             let m = mine.mark(&s, blame, &detail);
             prop_assert_eq!(mine.read_mark(&s, &m), Some(GeneratedMark { blame, detail: detail.clone() }));
             prop_assert_eq!(other.read_mark(&s, &m), None);
-            prop_assert_eq!(mine.read_mark(&secret(8), &m), None);
+            prop_assert_eq!(mine.read_mark(&Keyring::from(secret(8)), &m), None);
             let swapped = m.replacen(blame.as_str(), if blame == Blame::Origin { "member" } else { "origin" }, 1);
             prop_assert_eq!(mine.read_mark(&s, &swapped), None);
         }
