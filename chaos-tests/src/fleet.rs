@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::client;
 use crate::fault::FaultProxy;
 use crate::node::{free_port, origin_tables_with, NodeProcess, OriginEntry};
+use crate::pki::FleetPki;
 
 /// The fleet secret tests use (32+ bytes).
 pub const TEST_SECRET: &str = "stratus-test-secret-0123456789abcdef";
@@ -42,6 +43,9 @@ pub struct FleetOptions {
     /// the fleet sets 200 ms / 300 ms / 3 s to uppers and 500 ms / 2 s to origins, nested
     /// like the defaults).
     pub default_timeouts: bool,
+    /// Plain HTTP between the tiers instead of mutual TLS (for tests that talk to an upper
+    /// themselves, as a lower would, without a certificate).
+    pub plain_tiers: bool,
 }
 
 /// Running upper and lower nodes. Every process is killed and every proxy stopped when this
@@ -56,6 +60,8 @@ pub struct Fleet {
     links: Vec<Vec<FaultProxy>>,
     /// `origin_links[upper][origin]`, empty without `link_proxies`.
     origin_links: Vec<Vec<FaultProxy>>,
+    /// The fleet CA and each node's certificate files, unless `plain_tiers`.
+    pki: Option<(FleetPki, tempfile::TempDir)>,
 }
 
 impl Fleet {
@@ -75,6 +81,20 @@ impl Fleet {
             upper_addrs.push((free_port()?, free_port()?));
         }
         let upper_names: Vec<String> = (1..=spec.uppers).map(|i| format!("up-{i}")).collect();
+        let pki = if options.plain_tiers {
+            None
+        } else {
+            Some((FleetPki::new()?, tempfile::tempdir()?))
+        };
+        // Each node's `[tier.tls]` table, its files in a directory of its own.
+        let tls_table = |name: &str| -> anyhow::Result<String> {
+            let Some((pki, dir)) = &pki else {
+                return Ok(String::new());
+            };
+            let node_dir = dir.path().join(name);
+            std::fs::create_dir_all(&node_dir)?;
+            Ok(pki.write_node(&node_dir, name)?.1)
+        };
 
         let mut origin_links = Vec::new();
         if options.link_proxies {
@@ -125,8 +145,10 @@ impl Fleet {
             };
             let toml = format!(
                 "[node]\nname = \"{name}\"\nrole = \"upper\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
-                 [tier]\nsecret = \"{TEST_SECRET}\"\n{}\n\n{origins}\n{}",
-                options.upper_extra, spec.common_extra
+                 [tier]\nsecret = \"{TEST_SECRET}\"\n{}\n{}\n{origins}\n{}",
+                options.upper_extra,
+                tls_table(name)?,
+                spec.common_extra
             );
             uppers.push(NodeProcess::start_with(bin, name, *listen, *admin, &toml).await?);
         }
@@ -162,8 +184,9 @@ impl Fleet {
             let name = format!("edge-{}", i + 1);
             let toml = format!(
                 "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
-                 [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\n{timeouts}{}\n\n{origins}\n{}",
+                 [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\n{timeouts}{}\n{}\n{origins}\n{}",
                 spec.lower_tier_extra,
+                tls_table(&name)?,
                 spec.common_extra
             );
             lowers.push(NodeProcess::start_with(bin, &name, listen, admin, &toml).await?);
@@ -174,7 +197,14 @@ impl Fleet {
             upper_names,
             links,
             origin_links,
+            pki,
         })
+    }
+
+    /// The fleet CA and the directory holding each node's TLS files (`<dir>/<node name>/`:
+    /// `ca.pem`, `node.pem`, `node.key`, `fleet.crl`), unless the fleet runs `plain_tiers`.
+    pub fn pki(&self) -> Option<(&FleetPki, &Path)> {
+        self.pki.as_ref().map(|(p, d)| (p, d.path()))
     }
 
     /// The upper nodes' names, `up-1`…, in the order of [`Fleet::uppers`].

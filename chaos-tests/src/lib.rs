@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod history;
 pub mod node;
 pub mod origin;
+pub mod pki;
 mod wire;
 
 pub use client::Response;
@@ -28,6 +29,7 @@ pub use history::{load, pending, table, History, Record, Summary};
 pub use nix::sys::signal::Signal;
 pub use node::{free_port, NodeProcess, OriginEntry};
 pub use origin::{Framing, Gate, Reply, SeenRequest, TestOrigin};
+pub use pki::{FleetPki, NodeCert};
 
 use std::time::{Duration, Instant};
 

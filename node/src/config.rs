@@ -134,6 +134,8 @@ pub struct DnsMember {
 pub struct TierConfig {
     /// Fleet secret this node signs control contexts with, at least 32 bytes.
     pub secret: Vec<u8>,
+    /// `[tier.tls]`: mutual TLS between the tiers (every node of a fleet has it, or none).
+    pub tls: Option<crate::tls::TlsMaterial>,
     /// Further secrets accepted from other nodes during a rotation (`accept_secrets`,
     /// `accept_secret_files`); never used to sign.
     pub accept_secrets: Vec<Vec<u8>>,
@@ -757,7 +759,8 @@ impl Config {
         let cache_t = table_of(&root, "cache", &mut seen, &mut problems);
         let cache = read_cache(cache_t, &mut problems);
         let tier_t = table_of(&root, "tier", &mut seen, &mut problems);
-        let tier = tier_t.map(|t| read_tier(t, base_dir, &mut problems));
+        let name = node.as_ref().map_or("", |n| n.name.as_str());
+        let tier = tier_t.map(|t| read_tier(t, base_dir, name, &mut problems));
         let tracing_t = table_of(&root, "tracing", &mut seen, &mut problems);
         let tracing = read_tracing(tracing_t, &mut problems);
         let admin_t = table_of(&root, "admin", &mut seen, &mut problems);
@@ -857,6 +860,10 @@ impl Config {
                 self.cache.lock_age_timeout != next.cache.lock_age_timeout,
             ),
             ("tier", self.tier.is_some() != next.tier.is_some()),
+            (
+                "tier.tls",
+                matches!((&self.tier, &next.tier), (Some(x), Some(y)) if x.tls.is_some() != y.tls.is_some()),
+            ),
             ("tracing", self.tracing != next.tracing),
         ];
         fixed
@@ -1048,8 +1055,65 @@ fn read_cache(t: Option<&Table>, problems: &mut Vec<Problem>) -> CacheConfig {
     }
 }
 
-fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierConfig {
+/// `[tier.tls]`: every file named relative to the config; the material loaded and checked as a
+/// whole, so `stratus check` and a reload refuse what would fail a handshake.
+fn read_tier_tls(
+    v: Option<&Value>,
+    base_dir: &Path,
+    node_name: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<crate::tls::TlsMaterial> {
+    let table = match v? {
+        Value::Table(t) => t,
+        other => {
+            let found = other.type_str();
+            problems.push(Problem {
+                key: "tier.tls".into(),
+                message: format!("must be a table, found {found}"),
+            });
+            return None;
+        }
+    };
+    let mut s = Section::new("tier.tls", Some(table), problems);
+    let ca = s.required_string("ca");
+    let cert = s.required_string("cert");
+    let key = s.required_string("key");
+    let crl = s.string("crl");
+    s.finish();
+    let (ca, cert, key) = (
+        base_dir.join(ca?),
+        base_dir.join(cert?),
+        base_dir.join(key?),
+    );
+    let crl = crl.map(|c| base_dir.join(c));
+    let files = crate::tls::TlsFiles {
+        ca: &ca,
+        cert: &cert,
+        key: &key,
+        crl: crl.as_deref(),
+    };
+    match crate::tls::TlsMaterial::load(&files, node_name) {
+        Ok(m) => Some(m),
+        Err((k, message)) => {
+            problems.push(Problem {
+                key: format!("tier.tls.{k}"),
+                message,
+            });
+            None
+        }
+    }
+}
+
+fn read_tier(
+    t: &Table,
+    base_dir: &Path,
+    node_name: &str,
+    problems: &mut Vec<Problem>,
+) -> TierConfig {
     let mut s = Section::new("tier", Some(t), problems);
+    // Read after the section; marked as known here.
+    let _ = s.raw("tls");
+    let tls_value = t.get("tls");
     let inline = s.string("secret");
     let file = s.string("secret_file");
     let secret = match (inline, file) {
@@ -1143,9 +1207,11 @@ fn read_tier(t: &Table, base_dir: &Path, problems: &mut Vec<Problem>) -> TierCon
     let probe_interval = s.duration("probe_interval", DEFAULT_PROBE_INTERVAL);
     let probe_timeout = s.duration("probe_timeout", DEFAULT_PROBE_TIMEOUT);
     s.finish();
+    let tls = read_tier_tls(tls_value, base_dir, node_name, problems);
     TierConfig {
         secret,
         accept_secrets,
+        tls,
         upper,
         upper_dns,
         on_all_upper_down,

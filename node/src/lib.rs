@@ -19,3 +19,4 @@ pub mod reload;
 pub mod server;
 pub mod store;
 pub mod tier;
+pub mod tls;

@@ -153,7 +153,14 @@ pub fn build(config: Config, telemetry: Telemetry, opts: &RunOptions) -> anyhow:
     );
     let mut proxy_service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "stratus-proxy");
-    proxy_service.add_tcp(&config.node.listen.to_string());
+    let listen = config.node.listen.to_string();
+    match tier.as_ref().and_then(|t| t.tls()) {
+        // An upper serves lowers only: mutual TLS on its data port.
+        Some(tls) if config.node.role == Role::Upper => {
+            proxy_service.add_tls_with_settings(&listen, None, tls.listener_settings()?);
+        }
+        _ => proxy_service.add_tcp(&listen),
+    }
 
     let admin = Admin::new(live.clone(), store, metrics.clone(), tier.clone());
     let mut admin_service = Service::new("stratus-admin".to_string(), admin);

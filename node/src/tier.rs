@@ -23,6 +23,8 @@ use stratus_tiering::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::tls::FleetTls;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -103,6 +105,8 @@ pub struct Tier {
     node_name: String,
     node_role: Role,
     metrics: Arc<Metrics>,
+    /// Mutual TLS between the tiers (`[tier.tls]`), when configured.
+    tls: Option<Arc<FleetTls>>,
 }
 
 impl Tier {
@@ -157,7 +161,9 @@ impl Tier {
             Role::Upper => vec![config.node.name.clone(), config.node.listen.to_string()],
             Role::Lower => Vec::new(),
         };
+        let tls = settings.tls.as_ref().map(FleetTls::new).transpose()?;
         Ok(Some(Arc::new(Tier {
+            tls,
             keys: ArcSwap::from_pointee(keyring(&settings)),
             view: ArcSwap::from_pointee(book.view()),
             settings: ArcSwap::from_pointee(settings),
@@ -188,6 +194,34 @@ impl Tier {
         self.keys.load_full()
     }
 
+    /// Mutual TLS between the tiers, when configured.
+    pub fn tls(&self) -> Option<&Arc<FleetTls>> {
+        self.tls.as_ref()
+    }
+
+    /// The TLS server name to ask of the upper at `addr`: its `name` when listed with one
+    /// (then verified), else a placeholder (any certificate of the fleet CA).
+    pub fn upper_server_name(&self, addr: SocketAddr) -> (String, bool) {
+        let settings = self.settings.load();
+        match settings
+            .upper
+            .iter()
+            .find(|m| m.addr == addr)
+            .and_then(|m| m.name.clone())
+        {
+            Some(name) => (name, true),
+            None => (crate::tls::UNNAMED_UPPER_SNI.to_string(), false),
+        }
+    }
+
+    /// How this node's own exchanges with the upper at `addr` are secured.
+    fn exchange_tls(&self, addr: SocketAddr) -> Option<ExchangeTls> {
+        let tls = self.tls.as_ref()?;
+        let (name, known) = self.upper_server_name(addr);
+        let name = rustls::pki_types::ServerName::try_from(name).ok()?;
+        Some((tls.client_config(known), name))
+    }
+
     /// The `[tier]` settings in force.
     pub fn settings(&self) -> Arc<TierConfig> {
         self.settings.load_full()
@@ -208,6 +242,11 @@ impl Tier {
         let resolved = resolved.unwrap_or_else(|| self.resolved.load().to_vec());
         Ring::new(ring_members(&settings, &resolved))?;
         let names_changed = settings.upper_dns != self.settings.load().upper_dns;
+        if let (Some(tls), Some(material)) = (&self.tls, &settings.tls) {
+            if Some(material) != self.settings.load().tls.as_ref() {
+                tls.reload(material)?;
+            }
+        }
         let keys_before = self.keys.swap(Arc::new(keyring(&settings)));
         let before = self.settings.swap(Arc::new(settings));
         let found_before = self.resolved.swap(Arc::new(resolved));
@@ -422,7 +461,7 @@ impl Tier {
         );
         let settings = self.settings();
         let timeout = settings.connect_timeout + settings.probe_timeout;
-        let answer = exchange(addr, request.as_bytes(), timeout).await;
+        let answer = exchange(addr, request.as_bytes(), timeout, self.exchange_tls(addr)).await;
         let reply = answer
             .as_ref()
             .ok()
@@ -515,7 +554,8 @@ impl HealthTask {
                 };
                 async move {
                     let request = tier.probe_request(addr);
-                    let result = probe(addr, &request, tier.settings().probe_timeout).await;
+                    let tls = tier.exchange_tls(addr);
+                    let result = probe(addr, &request, tier.settings().probe_timeout, tls).await;
                     let said = match result {
                         Probe::Ready => "ready".to_string(),
                         Probe::Failed(f) => f.to_string(),
@@ -612,8 +652,13 @@ fn ring_members(settings: &TierConfig, resolved: &[UpperMember]) -> Vec<Member> 
 }
 
 /// One readiness probe: 200 is ready, anything else says how it failed.
-async fn probe(addr: SocketAddr, request: &str, timeout: Duration) -> Probe {
-    match tokio::time::timeout(timeout, exchange_once(addr, request.as_bytes())).await {
+async fn probe(
+    addr: SocketAddr,
+    request: &str,
+    timeout: Duration,
+    tls: Option<ExchangeTls>,
+) -> Probe {
+    match tokio::time::timeout(timeout, exchange_once(addr, request.as_bytes(), tls)).await {
         Err(_) => Probe::Failed(ProbeFailure::TimedOut),
         Ok(Err(ExchangeError::Connect)) => Probe::Failed(ProbeFailure::Unreachable),
         Ok(Err(ExchangeError::Broken)) => Probe::Failed(ProbeFailure::Status(0)),
@@ -668,10 +713,37 @@ enum ExchangeError {
     Broken,
 }
 
-async fn exchange_once(addr: SocketAddr, request: &[u8]) -> Result<(u16, Vec<u8>), ExchangeError> {
-    let mut stream = TcpStream::connect(addr)
+/// A client config and the server name to verify, for an exchange over TLS.
+type ExchangeTls = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+async fn exchange_once(
+    addr: SocketAddr,
+    request: &[u8],
+    tls: Option<ExchangeTls>,
+) -> Result<(u16, Vec<u8>), ExchangeError> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|_| ExchangeError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => exchange_on(tcp, request).await,
+        Some((config, name)) => {
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|_| ExchangeError::Broken)?;
+            exchange_on(stream, request).await
+        }
+    }
+}
+
+async fn exchange_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &[u8],
+) -> Result<(u16, Vec<u8>), ExchangeError> {
     stream
         .write_all(request)
         .await
@@ -705,8 +777,9 @@ pub async fn exchange(
     addr: SocketAddr,
     request: &[u8],
     timeout: Duration,
+    tls: Option<ExchangeTls>,
 ) -> anyhow::Result<(u16, Vec<u8>)> {
-    match tokio::time::timeout(timeout, exchange_once(addr, request)).await {
+    match tokio::time::timeout(timeout, exchange_once(addr, request, tls)).await {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(ExchangeError::Connect)) => anyhow::bail!("{addr}: cannot connect"),
         Ok(Err(ExchangeError::Broken)) => anyhow::bail!("{addr}: broken or invalid answer"),

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use stratus_chaos::{
-    client, eventually, Fleet, FleetSpec, NodeProcess, OriginEntry, Reply, TestOrigin, TEST_SECRET,
+    client, eventually, Fleet, FleetOptions, FleetSpec, NodeProcess, OriginEntry, Reply,
+    TestOrigin, TEST_SECRET,
 };
 #[path = "support/mod.rs"]
 mod support;
@@ -23,6 +24,24 @@ fn bin() -> &'static Path {
 }
 
 async fn start_fleet(lowers: usize, uppers: usize, extra: &str) -> (TestOrigin, Fleet) {
+    start_fleet_with(lowers, uppers, extra, &FleetOptions::default()).await
+}
+
+/// A fleet whose tiers talk plain HTTP, for a test that talks to an upper itself.
+async fn start_plain_fleet(lowers: usize, uppers: usize) -> (TestOrigin, Fleet) {
+    let plain = FleetOptions {
+        plain_tiers: true,
+        ..FleetOptions::default()
+    };
+    start_fleet_with(lowers, uppers, "", &plain).await
+}
+
+async fn start_fleet_with(
+    lowers: usize,
+    uppers: usize,
+    extra: &str,
+    options: &FleetOptions,
+) -> (TestOrigin, Fleet) {
     let origin = TestOrigin::start().await.expect("origin starts");
     let spec = FleetSpec {
         lowers,
@@ -31,7 +50,9 @@ async fn start_fleet(lowers: usize, uppers: usize, extra: &str) -> (TestOrigin, 
         lower_tier_extra: extra.to_string(),
         common_extra: String::new(),
     };
-    let fleet = Fleet::start(bin(), &spec).await.expect("fleet starts");
+    let fleet = Fleet::start_with(bin(), &spec, options)
+        .await
+        .expect("fleet starts");
     (origin, fleet)
 }
 
@@ -235,7 +256,9 @@ async fn killing_an_upper_mid_run_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_or_replayed_contexts_never_reach_an_origin() {
-    let (origin, fleet) = start_fleet(1, 1, "").await;
+    // Plain tiers: the context alone must hold (a host that got past mutual TLS, or a fleet
+    // that runs without it).
+    let (origin, fleet) = start_plain_fleet(1, 1).await;
     origin.fixed(
         "/secret",
         Reply::ok("s").header("cache-control", "max-age=600"),

@@ -23,8 +23,23 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_stratus"))
 }
 
-/// A fleet with the binary's default timeouts and probe settings.
+/// A fleet with the binary's default timeouts and probe settings, mutual TLS between tiers.
 async fn fleet(lowers: usize, uppers: usize, lower_extra: &str) -> (TestOrigin, Fleet) {
+    fleet_with(lowers, uppers, lower_extra, false).await
+}
+
+/// [`fleet`] with plain HTTP between the tiers, for a test that talks to an upper itself
+/// without a certificate: the context alone must hold there.
+async fn plain_fleet(lowers: usize, uppers: usize) -> (TestOrigin, Fleet) {
+    fleet_with(lowers, uppers, "", true).await
+}
+
+async fn fleet_with(
+    lowers: usize,
+    uppers: usize,
+    lower_extra: &str,
+    plain_tiers: bool,
+) -> (TestOrigin, Fleet) {
     let origin = TestOrigin::start().await.expect("origin starts");
     let spec = FleetSpec {
         lowers,
@@ -35,6 +50,7 @@ async fn fleet(lowers: usize, uppers: usize, lower_extra: &str) -> (TestOrigin, 
     };
     let options = FleetOptions {
         default_timeouts: true,
+        plain_tiers,
         ..FleetOptions::default()
     };
     let fleet = Fleet::start_with(bin(), &spec, &options)
@@ -418,7 +434,7 @@ async fn stale_while_revalidate_refreshes_through_both_tiers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_context_is_accepted_once_by_its_recipient_only() {
-    let (origin, mut fleet) = fleet(1, 2, "").await;
+    let (origin, mut fleet) = plain_fleet(1, 2).await;
     cacheable(&origin, "/ctx");
     let ctx = signed_context(HOST, "/ctx", "up-1", TEST_SECRET, SystemTime::now());
     let (up1, up2) = (fleet.uppers[0].listen, fleet.uppers[1].listen);
@@ -780,7 +796,7 @@ async fn a_clients_forwarding_headers_never_reach_the_origin() {
 /// context signed with the old secret — a leaked one — is refused by key id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_secret_rotates_by_reloads_without_a_failed_request() {
-    let (origin, mut fleet) = fleet(1, 2, "").await;
+    let (origin, mut fleet) = plain_fleet(1, 2).await;
     origin.fallback(|req, _| Reply::ok(format!("at {}", req.path)));
     const NEW: &str = "rotated-fleet-secret-fedcba9876543210";
     let steps = [

@@ -15,6 +15,7 @@ fn bin() -> &'static Path {
 }
 
 /// Where clients go: a standalone node, or the lower of a 1-lower/1-upper fleet.
+#[allow(clippy::large_enum_variant)] // two per test, held for its length
 enum Setup {
     Standalone(NodeProcess),
     Tiered(Fleet),

@@ -31,13 +31,16 @@ pub enum Arrival {
     Refresh,
 }
 
-/// Decides whether a request may be served, and builds its frozen context.
+/// Decides whether a request may be served, and builds its frozen context. `peer`: on an upper
+/// with mutual TLS, the names of the connection's verified certificate (a context's sender must
+/// be one of them); `None` where no certificate is involved.
 pub fn admit(
     config: &Config,
     tier: Option<&Tier>,
     req: &RequestHeader,
     now: SystemTime,
     arrival: Arrival,
+    peer: Option<&[String]>,
 ) -> Result<RequestContext, Generated> {
     if header_bytes(req) > config.node.max_request_header_size {
         return Err(Generated::HeadersTooLarge);
@@ -93,6 +96,10 @@ pub fn admit(
             let control = tier
                 .accept(value, line, arrival == Arrival::Refresh, now)
                 .map_err(context_refusal)?;
+            if peer.is_some_and(|names| !names.iter().any(|n| n == control.sender())) {
+                // A fleet member's certificate, but the context claims another sender.
+                return Err(Generated::Forbidden("sender-not-peer"));
+            }
             let host = control.origin_host().to_string();
             let origin = origin_index(config, &host)?;
             let primary_key = policy::primary_key(&host, &path_and_query);

@@ -120,7 +120,18 @@ impl Proxy {
                 &addr.ip().to_string(),
                 addr.port(),
             );
-            let mut peer = HttpPeer::new(addr, false, String::new());
+            let mut peer = match tier.tls() {
+                None => HttpPeer::new(addr, false, String::new()),
+                Some(tls) => {
+                    let (name, known) = tier.upper_server_name(addr);
+                    let mut peer = HttpPeer::new(addr, true, name);
+                    let (ca, cert_key) = tls.peer_material();
+                    peer.options.ca = Some(ca);
+                    peer.options.verify_hostname = known;
+                    peer.client_cert_key = Some(cert_key);
+                    peer
+                }
+            };
             let settings = tier.settings();
             peer.options.connection_timeout = Some(settings.connect_timeout);
             peer.options.read_timeout = Some(settings.read_timeout);

@@ -69,14 +69,22 @@ impl ProxyHttp for Proxy {
         // A client that half-closes after its request still gets the answer (RFC 9112 §9.6);
         // a real disconnect shows when the response is written.
         session.downstream_session.set_abort_on_close(false);
-        if is_health_check(session.req_header()) {
-            self.answer_health(session, ctx).await?;
-            return Ok(true);
-        }
         let arrival = match session.subrequest_ctx {
             Some(_) => Arrival::Refresh,
             None => Arrival::Network,
         };
+        let peer = match self.peer_names(session, arrival) {
+            Ok(peer) => peer,
+            Err(g) => {
+                ctx.progress.generated = Some(g);
+                self.respond(session, ctx, g).await?;
+                return Ok(true);
+            }
+        };
+        if is_health_check(session.req_header()) {
+            self.answer_health(session, ctx).await?;
+            return Ok(true);
+        }
         let config = self.config.load_full();
         let admitted = admit(
             &config,
@@ -84,6 +92,7 @@ impl ProxyHttp for Proxy {
             session.req_header(),
             SystemTime::now(),
             arrival,
+            peer.as_deref().map(Vec::as_slice),
         );
         ctx.config = Some(config);
         ctx.trace.request = self.start_trace(session, admitted.as_ref().ok());
@@ -342,6 +351,31 @@ impl Proxy {
     /// The configuration in force: loaded once per decision.
     fn config(&self) -> arc_swap::Guard<Arc<Config>> {
         self.config.load()
+    }
+
+    /// On an upper with mutual TLS, the names of this connection's peer certificate, verified
+    /// against the trust material in force now (so a certificate revoked since its session
+    /// began, resumed or kept alive, is refused here); `Ok(None)` where no certificate is
+    /// involved (no mutual TLS, or a refresh this node spawned itself).
+    fn peer_names(
+        &self,
+        session: &Session,
+        arrival: Arrival,
+    ) -> std::result::Result<Option<Arc<Vec<String>>>, Generated> {
+        let Some(tls) = self.tier.as_deref().and_then(|t| t.tls()) else {
+            return Ok(None);
+        };
+        if arrival == Arrival::Refresh || self.config().node.role != crate::config::Role::Upper {
+            return Ok(None);
+        }
+        let chain = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|ssl| ssl.extension.get::<crate::tls::PeerChain>());
+        let chain = chain.ok_or(Generated::Forbidden("no-client-certificate"))?;
+        tls.peer_names(chain)
+            .map(Some)
+            .map_err(Generated::Forbidden)
     }
 
     /// An upper answers `PURGE` only from a lower (admission verified its context).

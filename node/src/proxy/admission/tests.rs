@@ -36,7 +36,7 @@ fn target_req(target: &[u8], headers: &[(&'static str, &str)]) -> RequestHeader 
 }
 
 fn admit_lower(c: &Config, r: &RequestHeader) -> Result<RequestContext, Generated> {
-    admit(c, None, r, SystemTime::now(), Arrival::Network)
+    admit(c, None, r, SystemTime::now(), Arrival::Network, None)
 }
 
 proptest::proptest! {

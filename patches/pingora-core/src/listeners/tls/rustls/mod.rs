@@ -38,6 +38,7 @@ pub struct TlsSettings {
     client_cert_verifier: Option<Arc<dyn ClientCertVerifier>>,
     callbacks: Option<TlsAcceptCallbacks>,
     offload_threadpool: Option<(usize, usize)>,
+    customize: Option<Box<dyn FnOnce(&mut ServerConfig) + Send + Sync>>,
 }
 
 pub struct Acceptor {
@@ -94,6 +95,9 @@ impl TlsSettings {
         if let Some(alpn_protocols) = self.alpn_protocols {
             config.alpn_protocols = alpn_protocols;
         }
+        if let Some(customize) = self.customize {
+            customize(&mut config);
+        }
 
         Acceptor {
             acceptor: RusTlsAcceptor::from(Arc::new(config)),
@@ -112,6 +116,12 @@ impl TlsSettings {
 
     pub fn set_alpn(&mut self, alpn: ALPN) {
         self.alpn_protocols = Some(alpn.to_wire_protocols());
+    }
+
+    /// Adjust the built rustls [`ServerConfig`] last (e.g. its session ticketer or session
+    /// cache), before the acceptor is made from it.
+    pub fn customize(&mut self, f: impl FnOnce(&mut ServerConfig) + Send + Sync + 'static) {
+        self.customize = Some(Box::new(f));
     }
 
     /// Configure mTLS by providing a rustls client certificate verifier.
@@ -200,6 +210,7 @@ impl TlsSettings {
             client_cert_verifier: None,
             callbacks: None,
             offload_threadpool: None,
+            customize: None,
         })
     }
 
@@ -220,6 +231,7 @@ impl TlsSettings {
             client_cert_verifier: None,
             callbacks: Some(callbacks),
             offload_threadpool: None,
+            customize: None,
         })
     }
 }
