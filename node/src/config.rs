@@ -57,6 +57,13 @@ pub struct NodeConfig {
     pub threads: usize,
     /// Bound on the request line plus headers; larger requests get 431.
     pub max_request_header_size: usize,
+    /// Total time a client's request header may take from its first byte to its end.
+    pub header_timeout: Duration,
+    /// How long a client's keep-alive connection may wait for its next request (whole
+    /// seconds).
+    pub idle_timeout: Duration,
+    /// Open connections one client address may hold at once; 0 = no cap.
+    pub max_client_connections: u32,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub grace_period: Duration,
 }
@@ -404,6 +411,15 @@ const DEFAULT_ORIGIN_READ: Duration = Duration::from_secs(30);
 const DEFAULT_SPAN_QUEUE: u64 = 8192;
 /// A collector that takes longer than this is treated as down; spans queue meanwhile.
 const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default total time for a request header (nginx's `client_header_timeout` is 60 s; a
+/// header that takes more than a few seconds on a live connection is a slow-loris).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for a keep-alive connection's next request (nginx 75 s, Varnish 5 s).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default cap on one client address's open connections (an upper sees each lower as one
+/// client: keep it above the lowers' upstream pool).
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 512;
+
 /// Where the admin API listens when `node.admin_listen` is not set: this host only.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9080);
@@ -854,6 +870,8 @@ impl Config {
             ("node.admin_listen", a.admin_listen != b.admin_listen),
             ("node.threads", a.threads != b.threads),
             ("node.grace_period", a.grace_period != b.grace_period),
+            ("node.header_timeout", a.header_timeout != b.header_timeout),
+            ("node.idle_timeout", a.idle_timeout != b.idle_timeout),
             ("cache.capacity", self.cache.capacity != next.cache.capacity),
             (
                 "cache.lock_age_timeout",
@@ -1014,6 +1032,17 @@ fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfi
     let threads = s.integer("threads", 1, 256, DEFAULT_THREADS as i64) as usize;
     let max_request_header_size = s.size("max_request_header_size", DEFAULT_MAX_REQUEST_HEADER);
     let grace_period = s.duration("grace_period", DEFAULT_GRACE_PERIOD);
+    let header_timeout = s.duration("header_timeout", DEFAULT_HEADER_TIMEOUT);
+    let idle_timeout = s.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT);
+    if idle_timeout.subsec_nanos() != 0 || idle_timeout < Duration::from_secs(1) {
+        s.problem("idle_timeout", "must be whole seconds, at least \"1s\"");
+    }
+    let max_client_connections = s.integer(
+        "max_client_connections",
+        0,
+        1_000_000,
+        i64::from(DEFAULT_MAX_CLIENT_CONNECTIONS),
+    ) as u32;
     s.finish();
     Some(NodeConfig {
         name: name?,
@@ -1023,6 +1052,9 @@ fn read_node(t: Option<&Table>, problems: &mut Vec<Problem>) -> Option<NodeConfi
         threads,
         max_request_header_size: usize::try_from(max_request_header_size).unwrap_or(usize::MAX),
         grace_period,
+        header_timeout,
+        idle_timeout,
+        max_client_connections,
     })
 }
 

@@ -11,6 +11,8 @@ pub mod demo;
 pub mod demo_jaeger;
 pub mod dns;
 pub mod errors;
+pub mod fuzzing;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod policy;

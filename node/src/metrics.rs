@@ -57,6 +57,10 @@ pub struct Metrics {
     /// `stratus_config_reloads_total{result}`: SIGHUP reloads: `ok`, `rejected` (invalid
     /// file) or `refused` (a change that needs a restart); the running config kept on both.
     pub config_reloads: IntCounterVec,
+    /// `stratus_client_limits_total{limit}`: connections a client limit ended: `connections`
+    /// (over `max_client_connections`, answered 503), `header_timeout` (a request header not
+    /// whole within `header_timeout`), `idle_timeout` (no next request within `idle_timeout`).
+    pub client_limits: IntCounterVec,
     /// `stratus_requests_in_flight`: requests (and upgraded connections) being served now;
     /// a graceful stop ends as soon as it reaches zero.
     pub in_flight: IntGauge,
@@ -262,6 +266,20 @@ impl Metrics {
                 "Estimated bytes held by the replay cache",
             )?,
         )?;
+        let client_limits = register(
+            r,
+            &mut names,
+            IntCounterVec::new(
+                Opts::new(
+                    "stratus_client_limits_total",
+                    "Client connections a limit ended: connections (over the per-client cap, answered 503), header_timeout, idle_timeout",
+                ),
+                &["limit"],
+            )?,
+        )?;
+        for limit in ["connections", "header_timeout", "idle_timeout"] {
+            client_limits.with_label_values(&[limit]);
+        }
         let config_reloads = register(
             r,
             &mut names,
@@ -339,6 +357,7 @@ impl Metrics {
             replay_cache_entries,
             replay_cache_bytes,
             config_reloads,
+            client_limits,
             in_flight,
             cache_objects,
             cache_bytes,
@@ -363,6 +382,13 @@ impl Metrics {
         if let Some(t) = self.telemetry.lock().as_ref() {
             catch_up(&self.spans_dropped, t.dropped_spans());
             catch_up(&self.span_exports_failed, t.failed_exports());
+        }
+        {
+            use pingora_core::protocols::http::v1::server::{HEADER_TIMEOUTS, IDLE_TIMEOUTS};
+            use std::sync::atomic::Ordering::Relaxed;
+            let limit = |l: &str| self.client_limits.with_label_values(&[l]);
+            catch_up(&limit("header_timeout"), HEADER_TIMEOUTS.load(Relaxed));
+            catch_up(&limit("idle_timeout"), IDLE_TIMEOUTS.load(Relaxed));
         }
         let usage = store.usage();
         catch_up(&self.cache_evictions, usage.evictions);

@@ -151,8 +151,12 @@ pub fn build(config: Config, telemetry: Telemetry, opts: &RunOptions) -> anyhow:
         telemetry.clone(),
         dns.clone(),
     );
-    let mut proxy_service =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "stratus-proxy");
+    let mut proxy_app = pingora_proxy::http_proxy(&server.configuration, proxy);
+    proxy_app.server_options = Some(crate::limits::server_options(&config.node));
+    let mut proxy_service = Service::new(
+        "stratus-proxy".to_string(),
+        crate::limits::Capped::new(proxy_app, live.clone(), metrics.clone()),
+    );
     let listen = config.node.listen.to_string();
     match tier.as_ref().and_then(|t| t.tls()) {
         // An upper serves lowers only: mutual TLS on its data port.

@@ -84,6 +84,13 @@ pub struct HttpServerOptions {
     /// Unlike nginx, the default behavior here is _no limit_.
     pub keepalive_request_limit: Option<u32>,
 
+    /// Total time an HTTP/1 request header may take from its first byte to its end (`None`:
+    /// only per-read timeouts apply).
+    pub h1_header_timeout: Option<Duration>,
+
+    /// How long an HTTP/1 connection may wait for its next request, in seconds (`None`: 60).
+    pub h1_idle_timeout_secs: Option<u64>,
+
     /// If set, close a downstream HTTP/2 connection that has been idle
     /// for this duration.
     ///
@@ -345,12 +352,15 @@ where
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
             let mut session = ServerSession::new_http1(stream);
+            let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
+            let idle = self.server_options().and_then(|o| o.h1_idle_timeout_secs);
+            session.set_header_timeout(header_timeout);
             if *shutdown.borrow() {
                 // stop downstream from reusing if this service is shutting down soon
                 session.set_keepalive(None);
             } else {
                 // default 60s
-                session.set_keepalive(Some(60));
+                session.set_keepalive(Some(idle.unwrap_or(60)));
             }
             session.set_keepalive_reuses_remaining(
                 self.server_options()
@@ -362,6 +372,10 @@ where
                 let mut session = ServerSession::new_http1(stream);
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
+                }
+                session.set_header_timeout(header_timeout);
+                if let Some(idle) = idle {
+                    session.set_keepalive(Some(idle));
                 }
 
                 result = self.process_new_http(session, shutdown).await;

@@ -32,7 +32,7 @@ use crate::server::{RuntimeOpts, ShutdownWatch};
 use crate::services::Service as ServiceTrait;
 
 use async_trait::async_trait;
-use log::{debug, error, info};
+use log::{debug, error, info, warn};
 use pingora_error::Result;
 use pingora_runtime::current_handle;
 use pingora_timeout::timeout;
@@ -237,10 +237,12 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                                     Ok(io) => Self::handle_event(io, app, shutdown).await,
                                     Err(e) => {
                                         // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
+                                        // A client's failed handshake (a TCP check, a scanner, a
+                                        // refused certificate) is not this server's error.
                                         if let Some(addr) = peer_addr {
-                                            error!("Downstream handshake error from {}: {e}", addr);
+                                            warn!("Downstream handshake error from {}: {e}", addr);
                                         } else {
-                                            error!("Downstream handshake error: {e}");
+                                            warn!("Downstream handshake error: {e}");
                                         }
                                     }
                                 }

@@ -372,6 +372,14 @@ impl Session {
         }
     }
 
+    /// HTTP/1 only: bound the total time a request header may take from its first byte to
+    /// its end (see `v1::server::HttpSession::set_header_timeout`); no effect on HTTP/2.
+    pub fn set_header_timeout(&mut self, limit: Option<Duration>) {
+        if let Self::H1(s) = self {
+            s.set_header_timeout(limit);
+        }
+    }
+
     /// Sets the downstream read timeout. This will trigger if we're unable
     /// to read from the stream after `timeout`.
     ///

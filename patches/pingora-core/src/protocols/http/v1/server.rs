@@ -29,8 +29,15 @@ use pingora_timeout::timeout;
 use regex::bytes::Regex;
 use std::any::Any;
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Connections closed because a request header did not arrive whole within the session's
+/// header timeout ([`HttpSession::set_header_timeout`]).
+pub static HEADER_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+/// Keep-alive connections closed because no next request began within the idle timeout.
+pub static IDLE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 
 use super::body::{BodyReader, BodyWriter};
 use super::common::*;
@@ -103,6 +110,8 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// Total time a request header may take from its first byte to its end.
+    header_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
     /// A copy of the response that is already written to the client
@@ -188,6 +197,7 @@ impl HttpSession {
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
             write_timeout: None,
+            header_timeout: None,
             total_drain_timeout: None,
             body_bytes_sent: 0,
             body_bytes_read: 0,
@@ -221,6 +231,9 @@ impl HttpSession {
                     Ok(res) => res,
                     Err(e) => {
                         debug!("keepalive timeout {d:?} reached, {e}");
+                        if already_read == 0 {
+                            IDLE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+                        }
                         return Ok(None);
                     }
                 },
@@ -303,6 +316,8 @@ impl HttpSession {
             .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
+        // The header deadline runs from the request's first byte.
+        let mut header_started = (already_read != 0).then(Instant::now);
         let mut detached_suffix = None;
         loop {
             if already_read > MAX_HEADER_SIZE {
@@ -323,10 +338,28 @@ impl HttpSession {
             // this request and is waiting for our response).
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
-                already_read += n;
             } else {
-                return Ok(None);
+                let read = match (self.header_timeout, header_started) {
+                    (Some(limit), Some(started)) => {
+                        let left = limit.saturating_sub(started.elapsed());
+                        match timeout(left, self.read_request_buf(&mut buf, already_read)).await {
+                            Ok(read) => read?,
+                            Err(_) => {
+                                debug!("request header not complete within {limit:?}");
+                                HEADER_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+                                return Ok(None);
+                            }
+                        }
+                    }
+                    _ => self.read_request_buf(&mut buf, already_read).await?,
+                };
+                match read {
+                    Some(n) => {
+                        already_read += n;
+                        header_started.get_or_insert_with(Instant::now);
+                    }
+                    None => return Ok(None),
+                }
             }
 
             // Use loop as GOTO to retry escaped request buffer, not a real loop
@@ -699,6 +732,13 @@ impl HttpSession {
     /// and the response had to have been a `101 Switching Protocols`.
     pub fn was_upgraded(&self) -> bool {
         self.upgraded
+    }
+
+    /// Bound the total time a request header may take from its first byte to its end; a
+    /// header that is not complete by then closes the connection (counted in
+    /// [`HEADER_TIMEOUTS`]). `None`: only the per-read timeouts apply.
+    pub fn set_header_timeout(&mut self, limit: Option<Duration>) {
+        self.header_timeout = limit;
     }
 
     fn set_keepalive(&mut self, seconds: Option<u64>) {

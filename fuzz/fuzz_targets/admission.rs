@@ -1,0 +1,4 @@
+//! Fuzz target `admission`: see `stratus_node::fuzzing::admission` for the property it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| stratus_node::fuzzing::admission(data));
