@@ -236,6 +236,17 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[dns]`.
     pub dns: DnsConfig,
+    /// `[tls]`: HTTPS for clients (lower nodes).
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// `[tls]`: a lower's HTTPS listener for clients, beside its plain `listen`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientTlsConfig {
+    /// Where clients connect with TLS (HTTP/2 or HTTP/1.1 by ALPN).
+    pub listen: SocketAddr,
+    /// The certificate served, reloaded with the config.
+    pub cert: crate::tls::SiteCert,
 }
 
 /// One thing wrong with a config, at a dotted key.
@@ -783,6 +794,8 @@ impl Config {
         let admin = read_admin(admin_t, base_dir, &mut problems);
         let dns_t = table_of(&root, "dns", &mut seen, &mut problems);
         let dns = read_dns(dns_t, &mut problems);
+        let tls_t = table_of(&root, "tls", &mut seen, &mut problems);
+        let tls = tls_t.and_then(|t| read_client_tls(t, base_dir, &mut problems));
         seen.insert("origin");
         let origins = read_origins(root.get("origin"), &mut problems);
 
@@ -810,6 +823,20 @@ impl Config {
                     key: "node.admin_listen".into(),
                     message: "must differ from node.listen".into(),
                 });
+            }
+            if let Some(t) = &tls {
+                if node.role == Role::Upper {
+                    problems.push(Problem {
+                        key: "tls".into(),
+                        message: "only lower nodes serve clients; the tiers use [tier.tls]".into(),
+                    });
+                }
+                if t.listen == node.listen || t.listen == node.admin_listen {
+                    problems.push(Problem {
+                        key: "tls.listen".into(),
+                        message: "must differ from node.listen and node.admin_listen".into(),
+                    });
+                }
             }
             if !node.admin_listen.ip().is_loopback() && admin.token.is_none() {
                 problems.push(Problem {
@@ -852,6 +879,7 @@ impl Config {
                 tracing,
                 admin,
                 dns,
+                tls,
             }),
             _ => Err(problems),
         }
@@ -883,6 +911,10 @@ impl Config {
                 matches!((&self.tier, &next.tier), (Some(x), Some(y)) if x.tls.is_some() != y.tls.is_some()),
             ),
             ("tracing", self.tracing != next.tracing),
+            (
+                "tls.listen",
+                self.tls.as_ref().map(|t| t.listen) != next.tls.as_ref().map(|t| t.listen),
+            ),
         ];
         fixed
             .into_iter()
@@ -1449,6 +1481,32 @@ fn read_tracing(t: Option<&Table>, problems: &mut Vec<Problem>) -> TracingConfig
         sample_ratio,
         queue_size,
         export_timeout,
+    }
+}
+
+fn read_client_tls(
+    t: &Table,
+    base_dir: &Path,
+    problems: &mut Vec<Problem>,
+) -> Option<ClientTlsConfig> {
+    let mut s = Section::new("tls", Some(t), problems);
+    let listen = s.addr("listen");
+    let cert = s.required_string("cert");
+    let key = s.required_string("key");
+    s.finish();
+    let (cert, key) = (base_dir.join(cert?), base_dir.join(key?));
+    match crate::tls::SiteCert::load(&cert, &key) {
+        Ok(cert) => Some(ClientTlsConfig {
+            listen: listen?,
+            cert,
+        }),
+        Err((k, message)) => {
+            problems.push(Problem {
+                key: format!("tls.{k}"),
+                message,
+            });
+            None
+        }
     }
 }
 

@@ -255,7 +255,9 @@ pub const FORWARDING_FIELDS: [&str; 9] = [
 pub fn forwarding_fields(
     client: Option<std::net::IpAddr>,
     host: &str,
+    tls: bool,
 ) -> [(&'static str, String); 4] {
+    let proto = if tls { "https" } else { "http" };
     let (node, xff) = match client {
         Some(std::net::IpAddr::V6(ip)) => (format!("\"[{ip}]\""), ip.to_string()),
         Some(ip) => (ip.to_string(), ip.to_string()),
@@ -264,11 +266,11 @@ pub fn forwarding_fields(
     [
         (
             "forwarded",
-            format!("for={node};host=\"{host}\";proto=http"),
+            format!("for={node};host=\"{host}\";proto={proto}"),
         ),
         ("x-forwarded-for", xff),
         ("x-forwarded-host", host.to_string()),
-        ("x-forwarded-proto", "http".to_string()),
+        ("x-forwarded-proto", proto.to_string()),
     ]
 }
 

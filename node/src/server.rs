@@ -165,6 +165,10 @@ pub fn build(config: Config, telemetry: Telemetry, opts: &RunOptions) -> anyhow:
         }
         _ => proxy_service.add_tcp(&listen),
     }
+    if let Some(tls) = &config.tls {
+        let settings = crate::tls::client_listener_settings(live.clone())?;
+        proxy_service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+    }
 
     let admin = Admin::new(live.clone(), store, metrics.clone(), tier.clone());
     let mut admin_service = Service::new("stratus-admin".to_string(), admin);

@@ -208,14 +208,7 @@ impl TlsState {
             .collect();
         let key = PrivateKeyDer::try_from(m.key.clone())
             .map_err(|e| ("key", format!("not a private key: {e}")))?;
-        let signing = provider()
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(|e| ("key", format!("not a usable private key: {e}")))?;
-        let certified = CertifiedKey::new(chain.clone(), signing);
-        certified
-            .keys_match()
-            .map_err(|e| ("key", format!("does not match cert: {e}")))?;
+        let certified = certified_key(&m.chain, &m.key)?;
         let client = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ("ca", e.to_string()))?
@@ -244,12 +237,108 @@ impl TlsState {
             generation,
             roots,
             verifier,
-            certified: Arc::new(certified),
+            certified,
             client: Arc::new(client),
             client_any_name: Arc::new(client_any_name),
             peer_ca,
             cert_key: Arc::new(CertKey::new(m.chain.clone(), m.key.clone())),
         })
+    }
+}
+
+/// A certificate chain and its key, ready to serve: the key must match the certificate.
+fn certified_key(
+    chain: &[Vec<u8>],
+    key: &[u8],
+) -> Result<Arc<CertifiedKey>, (&'static str, String)> {
+    let chain: Vec<CertificateDer<'static>> = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::try_from(key.to_vec())
+        .map_err(|e| ("key", format!("not a private key: {e}")))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| ("key", format!("not a usable private key: {e}")))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| ("key", format!("does not match cert: {e}")))?;
+    Ok(Arc::new(certified))
+}
+
+/// A certificate for clients (`[tls]`): loaded, its key private and matching.
+#[derive(Clone)]
+pub struct SiteCert {
+    chain: Vec<Vec<u8>>,
+    key: Vec<u8>,
+    /// What the listener serves.
+    pub certified: Arc<CertifiedKey>,
+}
+
+impl PartialEq for SiteCert {
+    fn eq(&self, other: &SiteCert) -> bool {
+        self.chain == other.chain && self.key == other.key
+    }
+}
+
+impl std::fmt::Debug for SiteCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteCert")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiteCert {
+    /// Loads `cert` (PEM chain) and `key` (PEM, private to its owner); errors as `(key,
+    /// message)`.
+    pub fn load(cert: &Path, key: &Path) -> Result<SiteCert, (String, String)> {
+        let chain = pem_certs(cert).map_err(at("cert"))?;
+        let key_pem = crate::config::read_private_file(key).map_err(at("key"))?;
+        let key = match rustls_pemfile::private_key(&mut key_pem.as_slice()) {
+            Ok(Some(k)) => k.secret_der().to_vec(),
+            _ => {
+                return Err(at("key")(format!(
+                    "{}: no PEM private key in it",
+                    key.display()
+                )))
+            }
+        };
+        let certified = certified_key(&chain, &key).map_err(|(k, m)| (k.to_string(), m))?;
+        Ok(SiteCert {
+            chain,
+            key,
+            certified,
+        })
+    }
+}
+
+/// Listener settings for a lower's HTTPS port: the certificate of the config in force (so a
+/// reload swaps it for new handshakes), HTTP/2 and HTTP/1.1 offered by ALPN.
+pub fn client_listener_settings(
+    live: crate::config::Live,
+) -> anyhow::Result<pingora_core::listeners::tls::TlsSettings> {
+    let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate("", "")
+        .map_err(|e| anyhow::anyhow!("tls listener: {e}"))?;
+    settings.set_cert_resolver(Arc::new(LiveSiteCert(live)));
+    settings.enable_h2();
+    Ok(settings)
+}
+
+/// The `[tls]` certificate of the config in force.
+struct LiveSiteCert(crate::config::Live);
+
+impl std::fmt::Debug for LiveSiteCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveSiteCert")
+    }
+}
+
+impl ResolvesServerCert for LiveSiteCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load().tls.as_ref().map(|t| t.cert.certified.clone())
     }
 }
 

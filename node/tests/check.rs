@@ -14,9 +14,26 @@ fn check(text: &str) -> (i32, String, String) {
     let path = dir.path().join("node.toml");
     std::fs::write(&path, text).expect("write");
     // The secret and token files the README's example names, private as `stratus check` demands.
+    // And the certificates it names: the fleet's for edge-1, a site's for clients.
+    let pki = stratus_chaos::FleetPki::new().expect("CA");
+    let (node, site) = (
+        pki.issue("edge-1").expect("cert"),
+        pki.issue("example.test").expect("cert"),
+    );
+    let (ca, crl) = (pki.ca_pem(), pki.crl(&[]).expect("crl"));
+    for (file, body) in [
+        ("fleet-ca.pem", &ca),
+        ("node.pem", &node.cert),
+        ("site.pem", &site.cert),
+        ("fleet.crl", &crl),
+    ] {
+        std::fs::write(dir.path().join(file), body).expect("write");
+    }
     for (file, body) in [
         ("tier-secret", "0123456789abcdef0123456789abcdef-readme\n"),
         ("admin-token", "admin-token-0123456789-readme\n"),
+        ("node.key", node.key.as_str()),
+        ("site.key", site.key.as_str()),
     ] {
         let path = dir.path().join(file);
         std::fs::write(&path, body).expect("write");
@@ -88,4 +105,94 @@ fn problems_point_at_their_line_and_suggest_the_key_meant() {
     }
     let (_, _, stderr) = check("[node\nname = \"x\"\n");
     assert!(stderr.contains("node.toml:1:"), "{stderr}");
+}
+
+/// Certificates that would fail a handshake are refused by `stratus check` (and so by a
+/// reload), each at its key: a key of another certificate, a certificate of another CA, one
+/// the CRL revokes, one that does not name the node, a key open to other users.
+#[test]
+fn tls_material_that_cannot_work_is_refused_at_its_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = stratus_chaos::FleetPki::new().expect("CA");
+    let other_ca = stratus_chaos::FleetPki::new().expect("another CA");
+    let mine = pki.issue("edge-1").expect("cert");
+    let someone = pki.issue("edge-2").expect("cert");
+    let foreign = other_ca.issue("edge-1").expect("cert");
+    let cases = [
+        (
+            "key of another certificate",
+            mine.cert.clone(),
+            someone.key.clone(),
+            String::new(),
+            0o600,
+            "tier.tls.key",
+        ),
+        (
+            "another CA",
+            foreign.cert.clone(),
+            foreign.key.clone(),
+            String::new(),
+            0o600,
+            "tier.tls.cert",
+        ),
+        (
+            "revoked",
+            mine.cert.clone(),
+            mine.key.clone(),
+            pki.crl(&[mine.serial]).expect("crl"),
+            0o600,
+            "tier.tls.cert",
+        ),
+        (
+            "another name",
+            someone.cert.clone(),
+            someone.key.clone(),
+            String::new(),
+            0o600,
+            "tier.tls.cert",
+        ),
+        (
+            "key open to others",
+            mine.cert.clone(),
+            mine.key.clone(),
+            String::new(),
+            0o644,
+            "tier.tls.key",
+        ),
+    ];
+    for (what, cert, key, crl, mode, at) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let crl = if crl.is_empty() {
+            pki.crl(&[]).expect("crl")
+        } else {
+            crl
+        };
+        for (file, body) in [
+            ("ca.pem", pki.ca_pem()),
+            ("node.pem", cert),
+            ("node.key", key),
+            ("fleet.crl", crl),
+        ] {
+            std::fs::write(dir.path().join(file), body).expect("write");
+        }
+        std::fs::set_permissions(
+            dir.path().join("node.key"),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .expect("chmod");
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "[node]\nname = \"edge-1\"\nrole = \"lower\"\nlisten = \"127.0.0.1:1\"\n\n[tier]\nsecret = \"0123456789abcdef0123456789abcdef\"\nupper = [\"127.0.0.1:3\"]\n\n[tier.tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\ncrl = \"fleet.crl\"\n\n[[origin]]\nhost = \"example.test\"\naddress = \"127.0.0.1:4\"\n",
+        )
+        .expect("write");
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("stratus check runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{what}: {stderr}");
+        assert!(stderr.contains(&format!(": {at}: ")), "{what}: {stderr}");
+    }
 }

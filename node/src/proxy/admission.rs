@@ -230,9 +230,13 @@ fn origin_index(config: &Config, host: &str) -> Result<usize, Generated> {
 }
 
 /// The request's host, normalised: an absolute-form target's authority (RFC 9112 §3.2.2:
-/// it wins over Host), else the single Host header.
+/// it wins over Host), an HTTP/2 request's `:authority` (RFC 9113 §8.3.1), else the single
+/// Host header.
 fn request_host(req: &RequestHeader, authority: Option<&str>) -> Result<String, Generated> {
-    if let Some(authority) = authority {
+    let h2_authority = (req.version == http::Version::HTTP_2)
+        .then(|| req.uri.authority().map(|a| a.as_str()))
+        .flatten();
+    if let Some(authority) = authority.or(h2_authority) {
         return normalize_host(authority).ok_or(Generated::BadRequest("bad-host"));
     }
     let mut hosts = req.headers.get_all(header::HOST).iter();

@@ -187,6 +187,7 @@ impl Proxy {
         upstream: &mut RequestHeader,
         ctx: &Ctx,
         client: Option<std::net::IpAddr>,
+        tls: bool,
     ) -> Result<()> {
         let r = ctx
             .request
@@ -203,7 +204,7 @@ impl Proxy {
             for name in crate::policy::FORWARDING_FIELDS {
                 upstream.remove_header(name);
             }
-            for (name, value) in crate::policy::forwarding_fields(client, &r.host) {
+            for (name, value) in crate::policy::forwarding_fields(client, &r.host, tls) {
                 upstream.insert_header(name, value)?;
             }
         }

@@ -198,7 +198,9 @@ impl ProxyHttp for Proxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        self.write_upstream_request(upstream, ctx, client)
+        // Whether the client came over TLS (`Forwarded: proto=https`).
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        self.write_upstream_request(upstream, ctx, client, tls)
     }
 
     async fn upstream_response_filter(
