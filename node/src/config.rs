@@ -1520,9 +1520,15 @@ fn read_admin(t: Option<&Table>, base_dir: &Path, problems: &mut Vec<Problem>) -
         }
         (Some(token), None) => Some(token),
         (None, Some(f)) => {
+            let reported = s.problems.len();
             let bytes = s.secret_file("token_file", base_dir, &f);
             match String::from_utf8(bytes) {
                 Ok(token) if !token.is_empty() => Some(token),
+                // An empty file must not quietly mean "no token".
+                Ok(_) if s.problems.len() == reported => {
+                    s.problem("token_file", "is empty");
+                    None
+                }
                 Ok(_) => None,
                 Err(_) => {
                     s.problem("token_file", "must hold text (a bearer token)");

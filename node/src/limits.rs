@@ -9,7 +9,9 @@
 //! exported as metrics.
 //!
 //! Written here because pingora has no per-client connection limit (its connection filter
-//! decides at accept time only, without a close to count down on).
+//! decides at accept time only, without a close to count down on). On a TLS listener the cap
+//! counts connections from the end of their handshake (which pingora bounds by its own
+//! timeout); HTTP/2 connections are bounded to [`H2_MAX_STREAMS`] streams each.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,11 +26,24 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{Live, NodeConfig};
 use crate::metrics::Metrics;
 
-/// The HTTP server options carrying the node's client timeouts.
+/// Streams one HTTP/2 connection may have open at once: with the per-client connection cap,
+/// what bounds one client's concurrent requests.
+pub const H2_MAX_STREAMS: u32 = 64;
+
+/// The HTTP server options carrying the node's client timeouts (HTTP/2 connections get the
+/// idle timeout too).
 pub fn server_options(node: &NodeConfig) -> HttpServerOptions {
     let mut options = HttpServerOptions::default();
     options.h1_header_timeout = Some(node.header_timeout);
     options.h1_idle_timeout_secs = Some(node.idle_timeout.as_secs().max(1));
+    options.h2_idle_timeout = Some(node.idle_timeout);
+    options
+}
+
+/// HTTP/2 settings: pingora's bounded defaults with at most [`H2_MAX_STREAMS`] streams.
+pub fn h2_options() -> pingora_core::protocols::http::v2::server::H2Options {
+    let mut options = pingora_core::protocols::http::v2::server::default_h2_options();
+    options.max_concurrent_streams(H2_MAX_STREAMS);
     options
 }
 
@@ -115,8 +130,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Capped<A> {
                         .client_limits
                         .with_label_values(&["connections"])
                         .inc();
-                    let _ = stream.write_all(OVER_CAP).await;
-                    let _ = stream.flush().await;
+                    // An HTTP/1 answer says why; an HTTP/2 client gets a closed connection.
+                    let h2 = matches!(
+                        stream.selected_alpn_proto(),
+                        Some(pingora_core::protocols::ALPN::H2)
+                    );
+                    if !h2 {
+                        let _ = stream.write_all(OVER_CAP).await;
+                        let _ = stream.flush().await;
+                    }
                     return None;
                 }
             },

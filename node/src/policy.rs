@@ -255,9 +255,10 @@ pub const FORWARDING_FIELDS: [&str; 9] = [
 pub fn forwarding_fields(
     client: Option<std::net::IpAddr>,
     host: &str,
-    tls: bool,
 ) -> [(&'static str, String); 4] {
-    let proto = if tls { "https" } else { "http" };
+    // The scheme a client used is not part of the key, so it is not sent on either: what
+    // an origin answers may not depend on it (one key, one meaning).
+    let proto = "http";
     let (node, xff) = match client {
         Some(std::net::IpAddr::V6(ip)) => (format!("\"[{ip}]\""), ip.to_string()),
         Some(ip) => (ip.to_string(), ip.to_string()),

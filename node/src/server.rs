@@ -153,6 +153,7 @@ pub fn build(config: Config, telemetry: Telemetry, opts: &RunOptions) -> anyhow:
     );
     let mut proxy_app = pingora_proxy::http_proxy(&server.configuration, proxy);
     proxy_app.server_options = Some(crate::limits::server_options(&config.node));
+    proxy_app.h2_options = Some(crate::limits::h2_options());
     let mut proxy_service = Service::new(
         "stratus-proxy".to_string(),
         crate::limits::Capped::new(proxy_app, live.clone(), metrics.clone()),

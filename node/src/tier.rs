@@ -218,8 +218,15 @@ impl Tier {
     fn exchange_tls(&self, addr: SocketAddr) -> Option<ExchangeTls> {
         let tls = self.tls.as_ref()?;
         let (name, known) = self.upper_server_name(addr);
-        let name = rustls::pki_types::ServerName::try_from(name).ok()?;
-        Some((tls.client_config(known), name))
+        // Never cleartext under mutual TLS: a name that is no DNS name is checked like an
+        // unnamed member's (any certificate of the fleet CA).
+        match rustls::pki_types::ServerName::try_from(name) {
+            Ok(name) => Some((tls.client_config(known), name)),
+            // A constant DNS name: always converts.
+            Err(_) => rustls::pki_types::ServerName::try_from(crate::tls::UNNAMED_UPPER_SNI)
+                .ok()
+                .map(|name| (tls.client_config(false), name)),
+        }
     }
 
     /// The `[tier]` settings in force.
@@ -242,8 +249,9 @@ impl Tier {
         let resolved = resolved.unwrap_or_else(|| self.resolved.load().to_vec());
         Ring::new(ring_members(&settings, &resolved))?;
         let names_changed = settings.upper_dns != self.settings.load().upper_dns;
+        let tls_before = self.settings.load().tls.clone();
         if let (Some(tls), Some(material)) = (&self.tls, &settings.tls) {
-            if Some(material) != self.settings.load().tls.as_ref() {
+            if Some(material) != tls_before.as_ref() {
                 tls.reload(material)?;
             }
         }
@@ -254,6 +262,9 @@ impl Tier {
             self.settings.store(before);
             self.resolved.store(found_before);
             self.keys.store(keys_before);
+            if let (Some(tls), Some(material)) = (&self.tls, &tls_before) {
+                let _ = tls.reload(material);
+            }
             return Err(e);
         }
         if names_changed {

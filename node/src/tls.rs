@@ -181,6 +181,28 @@ struct TlsState {
     client_any_name: Arc<rustls::ClientConfig>,
     peer_ca: Arc<[WrappedX509]>,
     cert_key: Arc<CertKey>,
+    /// Serials the CRLs revoke, as pingora's TLS digest writes a peer's serial.
+    revoked: std::collections::HashSet<String>,
+}
+
+fn crls_der(m: &TlsMaterial) -> Vec<CertificateRevocationListDer<'static>> {
+    m.crls
+        .iter()
+        .map(|c| CertificateRevocationListDer::from(c.clone()))
+        .collect()
+}
+
+/// The serial numbers the CRLs revoke, formatted like pingora's digest of a peer certificate.
+fn revoked_serials(m: &TlsMaterial) -> std::collections::HashSet<String> {
+    m.crls
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_crl(c).ok())
+        .flat_map(|(_, crl)| {
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial_as_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 impl TlsState {
@@ -191,14 +213,9 @@ impl TlsState {
                 .add(CertificateDer::from(c.clone()))
                 .map_err(|e| ("ca", format!("not a usable CA certificate: {e}")))?;
         }
-        let crls: Vec<CertificateRevocationListDer<'static>> = m
-            .crls
-            .iter()
-            .map(|c| CertificateRevocationListDer::from(c.clone()))
-            .collect();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
-                .with_crls(crls)
+                .with_crls(crls_der(m))
                 .build()
                 .map_err(|e| ("crl", format!("{e}")))?;
         let chain: Vec<CertificateDer<'static>> = m
@@ -209,18 +226,21 @@ impl TlsState {
         let key = PrivateKeyDer::try_from(m.key.clone())
             .map_err(|e| ("key", format!("not a private key: {e}")))?;
         let certified = certified_key(&m.chain, &m.key)?;
-        let client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ("ca", e.to_string()))?
-            .with_root_certificates(roots.clone())
-            .with_client_auth_cert(chain.clone(), key.clone_key())
-            .map_err(|e| ("key", format!("{e}")))?;
+        // An upper's certificate is checked against the CRLs too (probes, purges).
         let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots.clone()),
             provider(),
         )
+        .with_crls(crls_der(m))
         .build()
-        .map_err(|e| ("ca", e.to_string()))?;
+        .map_err(|e| ("crl", e.to_string()))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ("ca", e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(server_verifier.clone())
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(|e| ("key", format!("{e}")))?;
         let client_any_name = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ("ca", e.to_string()))?
@@ -242,6 +262,7 @@ impl TlsState {
             client_any_name: Arc::new(client_any_name),
             peer_ca,
             cert_key: Arc::new(CertKey::new(m.chain.clone(), m.key.clone())),
+            revoked: revoked_serials(m),
         })
     }
 }
@@ -404,14 +425,23 @@ impl FleetTls {
         (s.peer_ca.clone(), s.cert_key.clone())
     }
 
+    /// Whether an upper this node connected to presented a certificate the CRLs in force
+    /// revoke (`serial` as pingora's TLS digest gives it). Pingora's connector checks the
+    /// chain against the fleet CA but knows no CRL, so the proxy asks this on every connection
+    /// it uses, new or reused.
+    pub fn upper_revoked(&self, serial: Option<&str>) -> bool {
+        serial.is_some_and(|s| self.state.load().revoked.contains(s))
+    }
+
     /// The DNS names of a connection's verified peer certificate, verified again (chain,
     /// validity, revocation) when the trust material changed since it last was. `Err` names
     /// why the peer gets no service.
     pub fn peer_names(&self, peer: &PeerChain) -> Result<Arc<Vec<String>>, &'static str> {
         let state = self.state.load();
         let mut checked = peer.checked.lock();
-        if let Some((generation, names)) = checked.as_ref() {
-            if *generation == state.generation {
+        if let Some((generation, not_after, names)) = checked.as_ref() {
+            // Verified against this trust material, and not expired since.
+            if *generation == state.generation && std::time::SystemTime::now() < *not_after {
                 return Ok(names.clone());
             }
         }
@@ -425,36 +455,46 @@ impl FleetTls {
                 }
                 _ => "refused-certificate",
             })?;
-        let names = Arc::new(dns_names(leaf));
-        *checked = Some((state.generation, names.clone()));
+        let (names, not_after) = leaf_facts(leaf);
+        let names = Arc::new(names);
+        *checked = Some((state.generation, not_after, names.clone()));
         Ok(names)
     }
 }
 
-/// The DNS names (subject alternative names) of a certificate.
-fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+/// The DNS names (subject alternative names, lowercased) of a certificate, and when it
+/// expires (a certificate that does not parse has no names and is expired).
+fn leaf_facts(cert: &CertificateDer<'_>) -> (Vec<String>, std::time::SystemTime) {
     use x509_parser::extensions::GeneralName;
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
-        return Vec::new();
+        return (Vec::new(), std::time::UNIX_EPOCH);
     };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0);
+    let not_after = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    let names = match parsed.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
-            _ => None,
-        })
-        .collect()
+    (names, not_after)
 }
+
+/// The last verification of a peer chain: the trust generation it passed, the leaf's
+/// expiry, and its names.
+type Verified = (u64, std::time::SystemTime, Arc<Vec<String>>);
 
 /// A connection's peer certificate chain, recorded at the handshake (full or resumed) and
 /// kept on the connection's TLS digest.
 pub struct PeerChain {
     chain: Vec<CertificateDer<'static>>,
-    checked: parking_lot::Mutex<Option<(u64, Arc<Vec<String>>)>>,
+    checked: parking_lot::Mutex<Option<Verified>>,
 }
 
 /// Records the peer's chain on every accepted connection.

@@ -28,11 +28,15 @@ fn bin() -> &'static Path {
 }
 
 async fn fleet() -> (TestOrigin, Fleet) {
+    fleet_of(1).await
+}
+
+async fn fleet_of(uppers: usize) -> (TestOrigin, Fleet) {
     let origin = TestOrigin::start().await.expect("origin starts");
     origin.fallback(|req, _| Reply::ok(format!("at {}", req.path)));
     let spec = FleetSpec {
         lowers: 1,
-        uppers: 1,
+        uppers,
         origins: vec![OriginEntry::new(HOST, origin.addr())],
         lower_tier_extra: String::new(),
         common_extra: String::new(),
@@ -265,4 +269,49 @@ async fn only_the_certificates_owner_may_send_its_contexts() {
         origin.count("/mismatch") + origin.count("/foreign") + origin.count("/anonymous"),
         0
     );
+}
+
+/// The serial of the certificate in `pem` (the harness's CA numbers them 1, 2, …).
+fn serial_of(pem: &str) -> u64 {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .expect("a cert")
+        .expect("parses");
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+    cert.raw_serial()
+        .iter()
+        .fold(0u64, |n, b| (n << 8) | u64::from(*b))
+}
+
+/// A lower stops using an upper whose certificate its CRL revokes: requests fail over (no
+/// client error), probes keep the member down, and no later request is served through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lower_stops_using_an_upper_whose_certificate_is_revoked() {
+    let (_origin, mut fleet) = fleet_of(2).await;
+    let lower = fleet.lowers[0].listen;
+    let (pki, dir) = fleet.pki().expect("mutual TLS");
+    let up1 = std::fs::read_to_string(dir.join("up-1").join("node.pem")).expect("cert");
+    let crl = pki.crl(&[serial_of(&up1)]).expect("crl");
+    std::fs::write(dir.join("edge-1").join("fleet.crl"), crl).expect("write");
+    let toml = fleet.lowers[0].config_text().expect("config");
+    fleet.lowers[0].reload(&toml, "ok").await.expect("reload");
+    for i in 0..30 {
+        let r = stratus_chaos::client::get(lower, HOST, &format!("/rev/{i}"), &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200, "{}", r.cache_status());
+    }
+    let down = stratus_chaos::eventually(std::time::Duration::from_secs(10), || async {
+        let ring = fleet.ring(0).await.expect("ring");
+        ring.to_string().contains("\"down\"")
+    })
+    .await;
+    assert!(down, "up-1 marked down");
+    for i in 0..20 {
+        let r = stratus_chaos::client::get(lower, HOST, &format!("/after-rev/{i}"), &[])
+            .await
+            .expect("exchange");
+        assert_eq!(r.status, 200);
+        assert!(r.cache_status().starts_with("up-2"), "{}", r.cache_status());
+    }
 }

@@ -96,7 +96,9 @@ pub fn admit(
             let control = tier
                 .accept(value, line, arrival == Arrival::Refresh, now)
                 .map_err(context_refusal)?;
-            if peer.is_some_and(|names| !names.iter().any(|n| n == control.sender())) {
+            // Names compare as DNS names do: ASCII case-insensitively (no wildcards).
+            let sender = control.sender();
+            if peer.is_some_and(|names| !names.iter().any(|n| n.eq_ignore_ascii_case(sender))) {
                 // A fleet member's certificate, but the context claims another sender.
                 return Err(Generated::Forbidden("sender-not-peer"));
             }

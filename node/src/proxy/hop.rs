@@ -178,6 +178,40 @@ impl Proxy {
         Ok(Box::new(peer))
     }
 
+    /// Fails an attempt on a connection (new or pooled) to an upper whose certificate the CRLs
+    /// in force revoke, as a failed handshake: the member is blamed and the next one tried.
+    pub(super) fn check_upper_certificate(
+        &self,
+        digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        let to_upper = ctx
+            .progress
+            .attempts
+            .last()
+            .is_some_and(|a| matches!(a.hop, Hop::Upper(..)));
+        let Some(tls) = self
+            .tier
+            .as_deref()
+            .and_then(|t| t.tls())
+            .filter(|_| to_upper)
+        else {
+            return Ok(());
+        };
+        let serial = digest
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|s| s.serial_number.as_deref());
+        if tls.upper_revoked(serial) {
+            return Err(Error::create(
+                ErrorType::TLSHandshakeFailure,
+                ErrorSource::Upstream,
+                Some("the upper's certificate is revoked".into()),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     /// The one place the outgoing request is written, from the frozen context: the key's own
     /// Host and target (so what is fetched is what the key names), the forwarding fields (a
     /// lower's own, never a client's), `CDN-Loop`, this attempt's control context (to an
@@ -187,7 +221,6 @@ impl Proxy {
         upstream: &mut RequestHeader,
         ctx: &Ctx,
         client: Option<std::net::IpAddr>,
-        tls: bool,
     ) -> Result<()> {
         let r = ctx
             .request
@@ -204,7 +237,7 @@ impl Proxy {
             for name in crate::policy::FORWARDING_FIELDS {
                 upstream.remove_header(name);
             }
-            for (name, value) in crate::policy::forwarding_fields(client, &r.host, tls) {
+            for (name, value) in crate::policy::forwarding_fields(client, &r.host) {
                 upstream.insert_header(name, value)?;
             }
         }

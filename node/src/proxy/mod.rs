@@ -107,6 +107,10 @@ impl ProxyHttp for Proxy {
                 Ok(false)
             }
             Err(g) => {
+                if g == Generated::Forbidden("sender-not-peer") {
+                    let refusals = &self.metrics.context_refusals;
+                    refusals.with_label_values(&["sender-not-peer"]).inc();
+                }
                 ctx.progress.generated = Some(g);
                 self.respond(session, ctx, g).await?;
                 Ok(true)
@@ -198,9 +202,7 @@ impl ProxyHttp for Proxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        // Whether the client came over TLS (`Forwarded: proto=https`).
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        self.write_upstream_request(upstream, ctx, client, tls)
+        self.write_upstream_request(upstream, ctx, client)
     }
 
     async fn upstream_response_filter(
@@ -239,6 +241,19 @@ impl ProxyHttp for Proxy {
             ctx.trace.cache_status = ours;
         }
         Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.check_upper_certificate(digest, ctx)
     }
 
     fn fail_to_connect(
@@ -374,10 +389,15 @@ impl Proxy {
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|ssl| ssl.extension.get::<crate::tls::PeerChain>());
-        let chain = chain.ok_or(Generated::Forbidden("no-client-certificate"))?;
-        tls.peer_names(chain)
-            .map(Some)
-            .map_err(Generated::Forbidden)
+        let refused = |detail: &'static str| {
+            self.metrics
+                .context_refusals
+                .with_label_values(&[detail])
+                .inc();
+            Generated::Forbidden(detail)
+        };
+        let chain = chain.ok_or_else(|| refused("no-client-certificate"))?;
+        tls.peer_names(chain).map(Some).map_err(refused)
     }
 
     /// An upper answers `PURGE` only from a lower (admission verified its context).
