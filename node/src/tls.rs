@@ -99,6 +99,15 @@ fn pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     Ok(certs)
 }
 
+/// The private key in a PEM file no other user may read (DER).
+fn pem_key(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = crate::config::read_private_file(path)?;
+    match rustls_pemfile::private_key(&mut pem.as_slice()) {
+        Ok(Some(k)) => Ok(k.secret_der().to_vec()),
+        _ => Err(format!("{}: no PEM private key in it", path.display())),
+    }
+}
+
 impl TlsMaterial {
     /// Loads and checks `[tier.tls]`: the key is private and matches the certificate, the
     /// certificate chains to the CA, is not revoked, is valid now and names `node_name`.
@@ -106,16 +115,7 @@ impl TlsMaterial {
     pub fn load(files: &TlsFiles<'_>, node_name: &str) -> Result<TlsMaterial, (String, String)> {
         let ca = pem_certs(files.ca).map_err(at("ca"))?;
         let chain = pem_certs(files.cert).map_err(at("cert"))?;
-        let key_pem = crate::config::read_private_file(files.key).map_err(at("key"))?;
-        let key = match rustls_pemfile::private_key(&mut key_pem.as_slice()) {
-            Ok(Some(k)) => k.secret_der().to_vec(),
-            _ => {
-                return Err(at("key")(format!(
-                    "{}: no PEM private key in it",
-                    files.key.display()
-                )))
-            }
-        };
+        let key = pem_key(files.key).map_err(at("key"))?;
         let crls = match files.crl {
             None => Vec::new(),
             Some(path) => {
@@ -154,19 +154,15 @@ impl TlsMaterial {
             .verifier
             .verify_client_cert(&leaf, &rest, UnixTime::now())
             .map_err(|e| at("cert")(format!("{}: {e}", files.cert.display())))?;
-        rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(state.roots.clone()),
-            provider(),
-        )
-        .build()
-        .map_err(|e| at("ca")(e.to_string()))?
-        .verify_server_cert(&leaf, &rest, &name, &[], UnixTime::now())
-        .map_err(|e| {
-            at("cert")(format!(
-                "{} as a server certificate for {node_name:?}: {e}",
-                files.cert.display()
-            ))
-        })?;
+        state
+            .server_verifier
+            .verify_server_cert(&leaf, &rest, &name, &[], UnixTime::now())
+            .map_err(|e| {
+                at("cert")(format!(
+                    "{} as a server certificate for {node_name:?}: {e}",
+                    files.cert.display()
+                ))
+            })?;
         Ok(material)
     }
 }
@@ -174,8 +170,9 @@ impl TlsMaterial {
 /// One generation of trust material and what is built from it.
 struct TlsState {
     generation: u64,
-    roots: RootCertStore,
     verifier: Arc<dyn ClientCertVerifier>,
+    /// How an upper's certificate is checked (CA and CRLs; by name when it is known).
+    server_verifier: Arc<rustls::client::WebPkiServerVerifier>,
     certified: Arc<CertifiedKey>,
     client: Arc<rustls::ClientConfig>,
     client_any_name: Arc<rustls::ClientConfig>,
@@ -245,7 +242,7 @@ impl TlsState {
             .with_safe_default_protocol_versions()
             .map_err(|e| ("ca", e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyFleetName(server_verifier)))
+            .with_custom_certificate_verifier(Arc::new(AnyFleetName(server_verifier.clone())))
             .with_client_auth_cert(chain, key)
             .map_err(|e| ("key", format!("{e}")))?;
         let peer_ca: Arc<[WrappedX509]> =
@@ -255,8 +252,8 @@ impl TlsState {
                 .into();
         Ok(TlsState {
             generation,
-            roots,
             verifier,
+            server_verifier,
             certified,
             client: Arc::new(client),
             client_any_name: Arc::new(client_any_name),
@@ -317,16 +314,7 @@ impl SiteCert {
     /// message)`.
     pub fn load(cert: &Path, key: &Path) -> Result<SiteCert, (String, String)> {
         let chain = pem_certs(cert).map_err(at("cert"))?;
-        let key_pem = crate::config::read_private_file(key).map_err(at("key"))?;
-        let key = match rustls_pemfile::private_key(&mut key_pem.as_slice()) {
-            Ok(Some(k)) => k.secret_der().to_vec(),
-            _ => {
-                return Err(at("key")(format!(
-                    "{}: no PEM private key in it",
-                    key.display()
-                )))
-            }
-        };
+        let key = pem_key(key).map_err(at("key"))?;
         let certified = certified_key(&chain, &key).map_err(|(k, m)| (k.to_string(), m))?;
         Ok(SiteCert {
             chain,

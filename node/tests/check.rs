@@ -9,10 +9,31 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_stratus"))
 }
 
+/// Writes `body` to `dir/file` with permissions `mode`.
+fn write(dir: &Path, file: &str, body: &str, mode: u32) {
+    let path = dir.join(file);
+    std::fs::write(&path, body).expect("write");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
+}
+
+/// `stratus check` on the config at `path`: exit code, stdout, stderr.
+fn run_check(path: &Path) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("stratus check runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn check(text: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("node.toml");
-    std::fs::write(&path, text).expect("write");
+    write(dir.path(), "node.toml", text, 0o644);
     // The secret and token files the README's example names, private as `stratus check` demands.
     // And the certificates it names: the fleet's for edge-1, a site's for clients.
     let pki = stratus_chaos::FleetPki::new().expect("CA");
@@ -21,35 +42,23 @@ fn check(text: &str) -> (i32, String, String) {
         pki.issue("example.test").expect("cert"),
     );
     let (ca, crl) = (pki.ca_pem(), pki.crl(&[]).expect("crl"));
-    for (file, body) in [
-        ("fleet-ca.pem", &ca),
-        ("node.pem", &node.cert),
-        ("site.pem", &site.cert),
-        ("fleet.crl", &crl),
+    for (file, body, mode) in [
+        ("fleet-ca.pem", ca.as_str(), 0o644),
+        ("node.pem", &node.cert, 0o644),
+        ("site.pem", &site.cert, 0o644),
+        ("fleet.crl", &crl, 0o644),
+        (
+            "tier-secret",
+            "0123456789abcdef0123456789abcdef-readme\n",
+            0o600,
+        ),
+        ("admin-token", "admin-token-0123456789-readme\n", 0o600),
+        ("node.key", &node.key, 0o600),
+        ("site.key", &site.key, 0o600),
     ] {
-        std::fs::write(dir.path().join(file), body).expect("write");
+        write(dir.path(), file, body, mode);
     }
-    for (file, body) in [
-        ("tier-secret", "0123456789abcdef0123456789abcdef-readme\n"),
-        ("admin-token", "admin-token-0123456789-readme\n"),
-        ("node.key", node.key.as_str()),
-        ("site.key", site.key.as_str()),
-    ] {
-        let path = dir.path().join(file);
-        std::fs::write(&path, body).expect("write");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("chmod");
-    }
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("stratus check runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_check(&dir.path().join("node.toml"))
 }
 
 #[test]
@@ -112,7 +121,6 @@ fn problems_point_at_their_line_and_suggest_the_key_meant() {
 /// the CRL revokes, one that does not name the node, a key open to other users.
 #[test]
 fn tls_material_that_cannot_work_is_refused_at_its_key() {
-    use std::os::unix::fs::PermissionsExt;
     let pki = stratus_chaos::FleetPki::new().expect("CA");
     let other_ca = stratus_chaos::FleetPki::new().expect("another CA");
     let mine = pki.issue("edge-1").expect("cert");
@@ -167,32 +175,22 @@ fn tls_material_that_cannot_work_is_refused_at_its_key() {
         } else {
             crl
         };
-        for (file, body) in [
-            ("ca.pem", pki.ca_pem()),
-            ("node.pem", cert),
-            ("node.key", key),
-            ("fleet.crl", crl),
+        for (file, body, mode) in [
+            ("ca.pem", pki.ca_pem().as_str(), 0o644),
+            ("node.pem", &cert, 0o644),
+            ("node.key", &key, mode),
+            ("fleet.crl", &crl, 0o644),
         ] {
-            std::fs::write(dir.path().join(file), body).expect("write");
+            write(dir.path(), file, body, mode);
         }
-        std::fs::set_permissions(
-            dir.path().join("node.key"),
-            std::fs::Permissions::from_mode(mode),
-        )
-        .expect("chmod");
-        let path = dir.path().join("node.toml");
-        std::fs::write(
-            &path,
+        write(
+            dir.path(),
+            "node.toml",
             "[node]\nname = \"edge-1\"\nrole = \"lower\"\nlisten = \"127.0.0.1:1\"\n\n[tier]\nsecret = \"0123456789abcdef0123456789abcdef\"\nupper = [\"127.0.0.1:3\"]\n\n[tier.tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\ncrl = \"fleet.crl\"\n\n[[origin]]\nhost = \"example.test\"\naddress = \"127.0.0.1:4\"\n",
-        )
-        .expect("write");
-        let out = Command::new(bin())
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .expect("stratus check runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{what}: {stderr}");
+            0o644,
+        );
+        let (code, _, stderr) = run_check(&dir.path().join("node.toml"));
+        assert_eq!(code, 64, "{what}: {stderr}");
         assert!(stderr.contains(&format!(": {at}: ")), "{what}: {stderr}");
     }
 }
