@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-# faketime: the integrity tests skew one member's clock with libfaketime.
-scripts/setup.sh faketime
+# faketime: the integrity tests skew one member's clock with libfaketime; nginx: the fleet
+# benchmark's smoke round compares against it.
+scripts/setup.sh faketime nginx
 # Proptest case counts are sized in code for CI; bound shrinking so a failure ends promptly.
 export PROPTEST_MAX_SHRINK_ITERS=${PROPTEST_MAX_SHRINK_ITERS:-2048}
 leftovers() { pgrep -f "^$root/target/[^ ]*/stratus (run|demo)" || true; }

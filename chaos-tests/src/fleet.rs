@@ -46,6 +46,8 @@ pub struct FleetOptions {
     /// Plain HTTP between the tiers instead of mutual TLS (for tests that talk to an upper
     /// themselves, as a lower would, without a certificate).
     pub plain_tiers: bool,
+    /// Lines appended to every node's `[node]` table (e.g. `threads = 1`).
+    pub node_extra: String,
 }
 
 /// Running upper and lower nodes. Every process is killed and every proxy stopped when this
@@ -144,8 +146,9 @@ impl Fleet {
                 None => origin_tables_with(&spec.origins, origin_timeouts),
             };
             let toml = format!(
-                "[node]\nname = \"{name}\"\nrole = \"upper\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
+                "[node]\nname = \"{name}\"\nrole = \"upper\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n{}\n\
                  [tier]\nsecret = \"{TEST_SECRET}\"\n{}\n{}\n{origins}\n{}",
+                options.node_extra,
                 options.upper_extra,
                 tls_table(name)?,
                 spec.common_extra
@@ -183,8 +186,9 @@ impl Fleet {
             let (listen, admin) = (free_port()?, free_port()?);
             let name = format!("edge-{}", i + 1);
             let toml = format!(
-                "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n\n\
+                "[node]\nname = \"{name}\"\nrole = \"lower\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"1s\"\n{}\n\
                  [tier]\nsecret = \"{TEST_SECRET}\"\nupper = [{members}]\n{timeouts}{}\n{}\n{origins}\n{}",
+                options.node_extra,
                 spec.lower_tier_extra,
                 tls_table(&name)?,
                 spec.common_extra

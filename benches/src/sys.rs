@@ -1,0 +1,108 @@
+//! What the benchmark reads from `/proc` and sets on processes: CPU time, resident memory,
+//! and which core a process may run on.
+//!
+//! CPU time per request is the figure to trust on a shared 2-core machine: requests per second
+//! move with whatever else runs, the CPU a process spent per answer much less.
+
+use std::path::Path;
+
+use anyhow::Context;
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+
+/// User plus system CPU time of process `pid` (all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .context("unexpected /proc/pid/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .map(|(u, s)| -> anyhow::Result<u64> { Ok(u.parse::<u64>()? + s.parse::<u64>()?) })
+        .context("short /proc/pid/stat")??;
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 on Linux.
+fn clock_ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+/// Resident set size of process `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS in /proc/pid/status")?
+        .parse::<u64>()?;
+    Ok(kib * 1024)
+}
+
+/// Lets every thread of process `pid` run only on `cpu` (threads it creates later inherit it).
+/// Does nothing on a machine with fewer than two cores.
+pub fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    if cores() < 2 {
+        return Ok(());
+    }
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    let tasks = Path::new("/proc").join(pid.to_string()).join("task");
+    for task in std::fs::read_dir(&tasks)? {
+        let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+        // A thread may have exited since the listing.
+        let _ = sched_setaffinity(Pid::from_raw(tid), &set);
+    }
+    Ok(())
+}
+
+/// Lets the calling thread run only on `cpu` (on a machine with two cores or more).
+pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
+    if cores() < 2 {
+        return Ok(());
+    }
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// Cores of the machine (not only those this thread may use: the benchmark pins itself).
+pub fn cores() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// One line describing the machine: CPU model, cores, memory, kernel.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{model}, {} cores, {mem_gib:.0} GiB, Linux {}",
+        cores(),
+        kernel.trim()
+    )
+}
