@@ -3,15 +3,19 @@
 # counted by callgrind (repeatable whatever else the machine does; kernel time not included).
 #
 #   benches/instructions.sh            # prints per-request instructions, tracing off and on
+#   STRATUS_BIN=/path/to/stratus benches/instructions.sh   # another build (a before/after pair)
 #
 # For each mode it runs a release node under valgrind twice (N1 and N2 keep-alive requests for
 # one cached object) and divides the difference by N2 - N1, so start-up cost cancels out.
-# "on" = sample_ratio 1.0, exporting over OTLP/HTTP to a local `stratus otlp-sink`.
+# "on" = sample_ratio 1.0, exporting over OTLP/HTTP to a local `stratus otlp-sink`;
+# "unsampled" = the same exporter configured with sample_ratio 0.0. MODES="off on" picks some.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh valgrind curl
-cargo build --release -q -p stratus-node
-bin=$PWD/target/release/stratus
+if [ -z "${STRATUS_BIN:-}" ]; then
+  cargo build --release -q -p stratus-node
+fi
+bin=${STRATUS_BIN:-$PWD/target/release/stratus}
 base=${BENCH_BASE_PORT:-17950}
 n1=${N1:-500}
 n2=${N2:-2500}
@@ -35,8 +39,13 @@ grace_period = "1s"
 host = "demo.test"
 address = "127.0.0.1:$base"
 TOML
-  if [ "$mode" = on ]; then
-    printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 1.0\n' $((base + 3)) >> "$dir/n.toml"
+  case "$mode" in
+    on) ratio=1.0 ;;
+    unsampled) ratio=0.0 ;;
+    *) ratio= ;;
+  esac
+  if [ -n "$ratio" ]; then
+    printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = %s\n' $((base + 3)) "$ratio" >> "$dir/n.toml"
   fi
   rm -f "$dir"/cg.out.*
   valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out.%p" \
@@ -56,7 +65,7 @@ TOML
   callgrind_annotate "$dir"/cg.out.* 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
 }
 
-for mode in off on; do
+for mode in ${MODES:-off unsampled on}; do
   a=$(count "$mode" "$n1")
   b=$(count "$mode" "$n2")
   echo "tracing $mode: $(( (b - a) / (n2 - n1) )) instructions per hot-hit request"

@@ -40,6 +40,7 @@ use pingora_cache::storage::{
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
 use tokio::sync::watch;
 
 /// Variants (`Vary`) one URL may have stored at once; further ones are served, not stored
@@ -54,11 +55,59 @@ const ENTRY_OVERHEAD: u64 = 160;
 /// freshness checks (whole seconds) and moka's timer wheel.
 const EXPIRY_GRACE: Duration = Duration::from_secs(2);
 
-/// Serialized [`CacheMeta`]: `(internal, header)` as produced by [`CacheMeta::serialize`].
+/// A stored object's [`CacheMeta`]: pingora's internal part serialized (a few dozen bytes,
+/// not compressed) and the response header already decoded.
 ///
-/// `CacheMeta` is not `Clone` and its provenance fields are crate-private, so we keep the blobs
-/// and decode on each lookup rather than rebuilding a lossy copy.
-type MetaBlobs = Arc<(Vec<u8>, Vec<u8>)>;
+/// `CacheMeta` is not `Clone` and its provenance fields are crate-private, so the internal part
+/// is kept serialized and decoded on each lookup rather than rebuilt lossily. The header is
+/// kept decoded: pingora serializes it zstd-compressed, and decompressing and parsing it again
+/// on every hit was 86% of a hit's lookup (callgrind, benches/results/README.md).
+struct MetaParts {
+    internal: Vec<u8>,
+    header: ResponseHeader,
+    /// Bytes of the header on the wire, for the weigher.
+    header_len: usize,
+}
+
+/// Shared by a fill and the object it becomes.
+type MetaBlobs = Arc<MetaParts>;
+
+impl MetaParts {
+    fn new(meta: &CacheMeta) -> Result<MetaBlobs> {
+        let (internal, header) = meta.serialize()?;
+        Ok(Arc::new(MetaParts {
+            internal,
+            header: meta.response_header_copy(),
+            header_len: header.len(),
+        }))
+    }
+
+    /// A `CacheMeta` for one lookup: the internal part decoded, the header cloned.
+    fn to_meta(&self) -> Result<CacheMeta> {
+        let mut meta = CacheMeta::deserialize(&self.internal, placeholder_header()?)?;
+        *meta.response_header_mut() = self.header.clone();
+        Ok(meta)
+    }
+
+    /// What the weigher charges: the internal part, and the decoded header (its wire size
+    /// plus the header map's own allocations, about as much again).
+    fn weight(&self) -> u64 {
+        (self.internal.len() + 2 * self.header_len) as u64
+    }
+}
+
+/// A serialized minimal header for [`CacheMeta::deserialize`], replaced by the stored one.
+fn placeholder_header() -> Result<&'static [u8]> {
+    static BLOB: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    BLOB.get_or_init(|| {
+        let header = ResponseHeader::build(200, Some(0)).ok()?;
+        let now = SystemTime::UNIX_EPOCH;
+        let (_, blob) = CacheMeta::new(now, now, 0, 0, header).serialize().ok()?;
+        Some(blob)
+    })
+    .as_deref()
+    .ok_or_else(|| storage_error("lookup", "cannot serialize a placeholder header".into()))
+}
 
 /// One finished object.
 #[derive(Clone)]
@@ -129,8 +178,7 @@ impl Stored {
     fn weight(&self) -> u32 {
         let bytes = self.body.len() as u64
             + self.body.chunks.len() as u64 * CHUNK_OVERHEAD
-            + self.meta.0.len() as u64
-            + self.meta.1.len() as u64
+            + self.meta.weight()
             + ENTRY_OVERHEAD;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
@@ -345,7 +393,7 @@ impl Store {
 
     /// A reader of `fill`; `owner` is the fetching request's own reader.
     fn hit_from_fill(fill: &Fill, owner: bool) -> Result<(CacheMeta, HitHandler)> {
-        let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
+        let meta = fill.meta.to_meta()?;
         let reader = StreamingHit {
             chunks: fill.chunks.clone(),
             state: fill.state.subscribe(),
@@ -412,7 +460,7 @@ impl Storage for Store {
         let Some(stored) = self.done.get(&hash) else {
             return Ok(None);
         };
-        let meta = CacheMeta::deserialize(&stored.meta.0, &stored.meta.1)?;
+        let meta = stored.meta.to_meta()?;
         let len = stored.body.len();
         let hit = CompleteHit {
             body: stored.body,
@@ -455,7 +503,7 @@ impl Storage for Store {
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
         let hash = key.combined_bin();
-        let blobs: MetaBlobs = Arc::new(meta.serialize()?);
+        let blobs = MetaParts::new(meta)?;
         let id = self.next_fill_id.fetch_add(1, Ordering::Relaxed);
         let fill = Fill {
             meta: blobs.clone(),
@@ -520,7 +568,7 @@ impl Storage for Store {
         };
         let updated = Stored {
             primary: old.primary,
-            meta: Arc::new(meta.serialize()?),
+            meta: MetaParts::new(meta)?,
             body: old.body,
             keep_until: keep_until(meta),
         };

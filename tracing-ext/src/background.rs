@@ -5,7 +5,7 @@
 //! pingora's records — stays out of the export.
 
 use tracing::Subscriber;
-use tracing_subscriber::filter::{filter_fn, FilterFn};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
@@ -22,7 +22,12 @@ impl Telemetry {
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     {
         let tracer = self.tracer()?.clone();
-        let only_background: FilterFn = filter_fn(|meta| meta.target() == BACKGROUND_TARGET);
+        // `Targets`, not a closure: it answers per callsite once (interest is cached), so the
+        // access line and every other event skip this layer without a per-event check. INFO
+        // (the level of every background span), not TRACE: the subscriber's maximum level is
+        // the loosest of its filters, and TRACE here made every debug and trace callsite in
+        // pingora ask the subscriber on each request (~40 checks, 7% of an unsampled hit).
+        let only_background = Targets::new().with_target(BACKGROUND_TARGET, LevelFilter::INFO);
         Some(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)

@@ -5,7 +5,7 @@
 //! Both trace types hold an `opentelemetry::Context` and act through `SpanRef` with `&self`,
 //! so nothing here needs `&mut` access to anything.
 
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
 use crate::export::Telemetry;
@@ -68,6 +68,19 @@ impl Telemetry {
             return RequestTrace::disabled();
         };
         let parent = propagation::extract(incoming);
+        // Start first, describe after: an unsampled span records nothing, so the attributes
+        // (and their string copies) are built only for a span that will be exported. The
+        // sampler (parent-based trace-id ratio) does not look at attributes.
+        let mut span = tracer
+            .span_builder(span_name(facts.method))
+            .with_kind(SpanKind::Server)
+            .start_with_context(tracer, &parent);
+        if !span.is_recording() {
+            return RequestTrace {
+                cx: parent.with_span(span),
+                enabled: true,
+            };
+        }
         let mut attrs = Vec::with_capacity(12);
         attrs.push(KeyValue::new(
             "http.request.method",
@@ -88,11 +101,7 @@ impl Telemetry {
         if let Some(id) = facts.request_id {
             attrs.push(KeyValue::new("stratus.request_id", id.to_string()));
         }
-        let span = tracer
-            .span_builder(span_name(facts.method))
-            .with_kind(SpanKind::Server)
-            .with_attributes(attrs)
-            .start_with_context(tracer, &parent);
+        span.set_attributes(attrs);
         RequestTrace {
             cx: parent.with_span(span),
             enabled: true,
