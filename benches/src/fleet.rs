@@ -43,8 +43,9 @@ pub struct Plan {
     pub capacity_mib: u64,
     /// Leave nginx out (the smoke round without nginx installed).
     pub skip_nginx: bool,
-    /// Run only the hot hit on one node (to profile and iterate on the hot path).
-    pub only_hot: bool,
+    /// Run only this part: `"hot"` (the hot hit on one node) or `"memory"` (RSS per object
+    /// and under `capacity`), to iterate on one figure.
+    pub only: Option<String>,
 }
 
 impl Plan {
@@ -61,7 +62,7 @@ impl Plan {
             objects: 100_000,
             capacity_mib: 32,
             skip_nginx: false,
-            only_hot: false,
+            only: None,
         }
     }
 
@@ -212,7 +213,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
 
     // Hot hit on one node, then through a fleet's lower: both systems, alternating rounds.
     for (scenario, fleet) in [(ONE_NODE, false), (FLEET_LOWER, true)] {
-        if fleet && plan.only_hot {
+        if plan.only.as_deref() == Some("memory") || (fleet && plan.only.is_some()) {
             break;
         }
         let mut deployments = Vec::new();
@@ -222,15 +223,23 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
         samples.extend(alternate(plan, scenario, &deployments, "/hot").await?);
     }
 
-    if plan.only_hot {
+    if plan.only.is_some() {
+        let (memory, capacity) = if plan.only.as_deref() == Some("memory") {
+            (
+                Some(memory(plan, &origin).await?),
+                Some(capacity(plan, &origin).await?),
+            )
+        } else {
+            (None, None)
+        };
         return Ok(Report {
             plan: plan.clone(),
             machine: sys::machine(),
             nginx_version,
             samples,
             zipf: Vec::new(),
-            memory: None,
-            capacity: None,
+            memory,
+            capacity,
             wall: started.elapsed(),
         });
     }

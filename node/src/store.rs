@@ -48,51 +48,94 @@ use tokio::sync::watch;
 /// URL).
 pub const MAX_VARIANTS: usize = 32;
 
-/// Bytes charged per entry on top of body and metadata: key, moka node, `Arc`s.
-const ENTRY_OVERHEAD: u64 = 160;
+/// Bytes charged per entry on top of body and metadata: key, moka's entry, its deques and
+/// timer node, the variant index, `Arc`s and the allocator's share. Measured, not estimated:
+/// 100 000 objects of 1 KiB grow the RSS by ~1.1 KB each beyond body and header bytes
+/// (benches/results/README.md), so `capacity` bounds the RSS, not only the payload.
+const ENTRY_OVERHEAD: u64 = 1024;
 
 /// How long an entry outlives its last usable moment. Covers clock rounding between pingora's
 /// freshness checks (whole seconds) and moka's timer wheel.
 const EXPIRY_GRACE: Duration = Duration::from_secs(2);
 
-/// A stored object's [`CacheMeta`]: pingora's internal part serialized (a few dozen bytes,
-/// not compressed) and the response header already decoded.
+/// A stored object's [`CacheMeta`]: pingora's internal part serialized (a few dozen bytes) and
+/// the response header's fields in HTTP/1 wire form, uncompressed.
 ///
 /// `CacheMeta` is not `Clone` and its provenance fields are crate-private, so the internal part
 /// is kept serialized and decoded on each lookup rather than rebuilt lossily. The header is
-/// kept decoded: pingora serializes it zstd-compressed, and decompressing and parsing it again
-/// on every hit was 86% of a hit's lookup (callgrind, benches/results/README.md).
+/// not kept the way pingora serializes it (zstd-compressed, decoded through a 256-slot parse
+/// buffer): decompressing and parsing that on every hit was 86% of a hit's lookup (callgrind,
+/// benches/results/README.md). Nor is it kept decoded: a `ResponseHeader` with its two header
+/// maps costs over a kilobyte per object. Wire bytes cost what the header is, and parse fast.
 struct MetaParts {
-    internal: Vec<u8>,
-    header: ResponseHeader,
-    /// Bytes of the header on the wire, for the weigher.
-    header_len: usize,
+    internal: Box<[u8]>,
+    status: u16,
+    /// `name: value\r\n` for each field, names in the case the origin sent, then `\r\n`.
+    fields: Box<[u8]>,
 }
 
 /// Shared by a fill and the object it becomes.
 type MetaBlobs = Arc<MetaParts>;
 
+/// Header fields parsed on the stack; more (pingora allows 256) take a heap buffer.
+const STACK_FIELDS: usize = 48;
+
+/// Pingora's limit on response header fields.
+const MAX_FIELDS: usize = 256;
+
 impl MetaParts {
     fn new(meta: &CacheMeta) -> Result<MetaBlobs> {
-        let (internal, header) = meta.serialize()?;
+        let (internal, _) = meta.serialize()?;
+        let header = meta.response_header();
+        let mut fields = Vec::with_capacity(128);
+        header.header_to_h1_wire(&mut fields);
+        fields.extend_from_slice(b"\r\n");
         Ok(Arc::new(MetaParts {
-            internal,
-            header: meta.response_header_copy(),
-            header_len: header.len(),
+            internal: internal.into_boxed_slice(),
+            status: header.status.as_u16(),
+            fields: fields.into_boxed_slice(),
         }))
     }
 
-    /// A `CacheMeta` for one lookup: the internal part decoded, the header cloned.
+    /// A `CacheMeta` for one lookup: the internal part decoded, the header parsed.
     fn to_meta(&self) -> Result<CacheMeta> {
         let mut meta = CacheMeta::deserialize(&self.internal, placeholder_header()?)?;
-        *meta.response_header_mut() = self.header.clone();
+        *meta.response_header_mut() = self.header()?;
         Ok(meta)
     }
 
-    /// What the weigher charges: the internal part, and the decoded header (its wire size
-    /// plus the header map's own allocations, about as much again).
+    /// The stored response header, as pingora's own decoding builds it.
+    fn header(&self) -> Result<ResponseHeader> {
+        let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+        match httparse::parse_headers(&self.fields, &mut stack) {
+            Ok(httparse::Status::Complete((_, parsed))) => self.build(parsed),
+            Err(httparse::Error::TooManyHeaders) => {
+                let mut heap = vec![httparse::EMPTY_HEADER; MAX_FIELDS];
+                match httparse::parse_headers(&self.fields, &mut heap) {
+                    Ok(httparse::Status::Complete((_, parsed))) => self.build(parsed),
+                    other => Err(Self::unparsable(other.err())),
+                }
+            }
+            other => Err(Self::unparsable(other.err())),
+        }
+    }
+
+    fn build(&self, parsed: &[httparse::Header<'_>]) -> Result<ResponseHeader> {
+        let mut header = ResponseHeader::build(self.status, Some(parsed.len()))?;
+        for field in parsed {
+            let value = pingora_http::header_value_from_slice(field.value);
+            header.append_header(field.name.to_string(), value)?;
+        }
+        Ok(header)
+    }
+
+    fn unparsable(e: Option<httparse::Error>) -> Box<Error> {
+        storage_error("lookup", format!("stored header fields do not parse: {e:?}"))
+    }
+
+    /// What the weigher charges for the metadata.
     fn weight(&self) -> u64 {
-        (self.internal.len() + 2 * self.header_len) as u64
+        (self.internal.len() + self.fields.len()) as u64
     }
 }
 

@@ -1,6 +1,6 @@
 //! `fleet-bench`: runs the fleet load benchmark and writes its report and plots.
 //!
-//!   fleet-bench --stratus target/release/stratus --out benches/results [--smoke] [--no-nginx] [--only-hot]
+//!   fleet-bench --stratus target/release/stratus --out benches/results [--smoke] [--no-nginx] [--only hot|memory]
 //!               [--secs S] [--rounds N] [--objects N] [--command "how to reproduce"]
 
 use std::path::PathBuf;
@@ -13,7 +13,8 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut stratus = PathBuf::from("target/release/stratus");
     let mut out = PathBuf::from("benches/results");
-    let (mut smoke, mut no_nginx, mut only_hot) = (false, false, false);
+    let (mut smoke, mut no_nginx) = (false, false);
+    let mut only = None;
     let (mut secs, mut rounds, mut objects) = (None, None, None);
     let mut command = "benches/fleet.sh".to_string();
     while let Some(arg) = args.next() {
@@ -23,7 +24,7 @@ fn main() -> anyhow::Result<()> {
             "--out" => out = PathBuf::from(value()?),
             "--smoke" => smoke = true,
             "--no-nginx" => no_nginx = true,
-            "--only-hot" => only_hot = true,
+            "--only" => only = Some(value()?),
             "--secs" => secs = Some(value()?.parse::<f64>()?),
             "--rounds" => rounds = Some(value()?.parse::<usize>()?),
             "--objects" => objects = Some(value()?.parse::<u64>()?),
@@ -37,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         Plan::full(stratus)
     };
     plan.skip_nginx = no_nginx;
-    plan.only_hot = only_hot;
+    plan.only = only;
     plan.secs = secs.unwrap_or(plan.secs);
     plan.rounds = rounds.unwrap_or(plan.rounds);
     plan.objects = objects.unwrap_or(plan.objects);
