@@ -43,6 +43,8 @@ pub struct Plan {
     pub capacity_mib: u64,
     /// Leave nginx out (the smoke round without nginx installed).
     pub skip_nginx: bool,
+    /// Another `stratus` build measured beside this one on the one-node hot hit (before/after).
+    pub baseline: Option<PathBuf>,
     /// Run only this part: `"hot"` (the hot hit on one node) or `"memory"` (RSS per object
     /// and under `capacity`), to iterate on one figure.
     pub only: Option<String>,
@@ -62,6 +64,7 @@ impl Plan {
             objects: 100_000,
             capacity_mib: 32,
             skip_nginx: false,
+            baseline: None,
             only: None,
         }
     }
@@ -220,6 +223,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
         for system in systems_of(plan) {
             deployments.push(deploy(plan, system, fleet, origin.addr(), "").await?);
         }
+        if let (Some(before), false) = (&plan.baseline, fleet) {
+            let mut d = systems::stratus_node(before, origin.addr(), "").await?;
+            d.system = System::Baseline;
+            deployments.push(d);
+        }
         samples.extend(alternate(plan, scenario, &deployments, "/hot").await?);
     }
 
@@ -343,6 +351,7 @@ async fn deploy(
         (System::Stratus, true) => systems::stratus_fleet(&plan.stratus, origin).await,
         (System::Nginx, false) => systems::nginx_node(origin),
         (System::Nginx, true) => systems::nginx_fleet(origin),
+        (System::Baseline, _) => bail!("a baseline build runs only as one node"),
     }
 }
 

@@ -115,6 +115,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
     let rows = [
         (ONE_NODE, System::Stratus),
         (ONE_NODE, System::Nginx),
+        (ONE_NODE, System::Baseline),
         (FLEET_LOWER, System::Stratus),
         (FLEET_LOWER, System::Nginx),
         (TRACING_OFF, System::Stratus),
@@ -170,6 +171,15 @@ pub fn markdown(r: &Report, command: &str) -> String {
             st.latency_ms[2],
             ng.latency_ms[2],
             verdict(p99 <= 1.0)
+        );
+    }
+    if let (Some(st), Some(before)) = (st, summarize(&r.samples, ONE_NODE, System::Baseline)) {
+        let _ = writeln!(
+            md,
+            "| (before/after) this build against `--baseline`, hot hit CPU/request | {:.2}× ({:.1} vs {:.1} µs) | see profile.md |",
+            st.cpu_us / before.cpu_us,
+            st.cpu_us,
+            before.cpu_us
         );
     }
     if let (Some(one), Some(lower)) = (st, summarize(&r.samples, FLEET_LOWER, System::Stratus)) {
@@ -291,7 +301,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
     }
     let _ = writeln!(
         md,
-        "Plots: `throughput.svg`, `cpu.svg`, `latency.svg` next to this file."
+        "Plots: `throughput.svg`, `cpu.svg`, `latency.svg` next to this file. The profile of the hot hit and the fixes it led to, each with before/after numbers: `profile.md`."
     );
     md
 }
@@ -299,6 +309,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
 /// Writes the three SVG plots of `r` into `dir`.
 pub fn plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let groups = [
+        (ONE_NODE, System::Baseline),
         (ONE_NODE, System::Stratus),
         (ONE_NODE, System::Nginx),
         (FLEET_LOWER, System::Stratus),
@@ -336,6 +347,7 @@ fn colour(system: System) -> RGBColor {
     match system {
         System::Stratus => RGBColor(31, 119, 180),
         System::Nginx => RGBColor(44, 160, 44),
+        System::Baseline => RGBColor(160, 160, 160),
     }
 }
 

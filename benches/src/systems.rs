@@ -27,6 +27,8 @@ pub enum System {
     Stratus,
     /// nginx with `proxy_cache`.
     Nginx,
+    /// Another stratus build (`--baseline`): the same node before a change.
+    Baseline,
 }
 
 impl System {
@@ -35,6 +37,7 @@ impl System {
         match self {
             System::Stratus => "stratus",
             System::Nginx => "nginx",
+            System::Baseline => "stratus-before",
         }
     }
 }

@@ -130,7 +130,10 @@ impl MetaParts {
     }
 
     fn unparsable(e: Option<httparse::Error>) -> Box<Error> {
-        storage_error("lookup", format!("stored header fields do not parse: {e:?}"))
+        storage_error(
+            "lookup",
+            format!("stored header fields do not parse: {e:?}"),
+        )
     }
 
     /// What the weigher charges for the metadata.

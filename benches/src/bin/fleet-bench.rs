@@ -1,6 +1,6 @@
 //! `fleet-bench`: runs the fleet load benchmark and writes its report and plots.
 //!
-//!   fleet-bench --stratus target/release/stratus --out benches/results [--smoke] [--no-nginx] [--only hot|memory]
+//!   fleet-bench --stratus target/release/stratus --out benches/results [--smoke] [--no-nginx] [--only hot|memory] [--baseline OLD-STRATUS]
 //!               [--secs S] [--rounds N] [--objects N] [--command "how to reproduce"]
 
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
     let mut out = PathBuf::from("benches/results");
     let (mut smoke, mut no_nginx) = (false, false);
     let mut only = None;
+    let mut baseline = None;
     let (mut secs, mut rounds, mut objects) = (None, None, None);
     let mut command = "benches/fleet.sh".to_string();
     while let Some(arg) = args.next() {
@@ -25,6 +26,7 @@ fn main() -> anyhow::Result<()> {
             "--smoke" => smoke = true,
             "--no-nginx" => no_nginx = true,
             "--only" => only = Some(value()?),
+            "--baseline" => baseline = Some(PathBuf::from(value()?)),
             "--secs" => secs = Some(value()?.parse::<f64>()?),
             "--rounds" => rounds = Some(value()?.parse::<usize>()?),
             "--objects" => objects = Some(value()?.parse::<u64>()?),
@@ -39,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     };
     plan.skip_nginx = no_nginx;
     plan.only = only;
+    plan.baseline = baseline;
     plan.secs = secs.unwrap_or(plan.secs);
     plan.rounds = rounds.unwrap_or(plan.rounds);
     plan.objects = objects.unwrap_or(plan.objects);

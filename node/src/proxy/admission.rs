@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use http::header;
 use pingora_http::RequestHeader;
-use stratus_tiering::{ContextError, RequestIdentity, RequestLine};
+use stratus_tiering::{ContextError, RequestLine};
 
 use super::context::RequestContext;
 use crate::config::{normalize_host, Config, Role};
@@ -67,14 +67,7 @@ pub fn admit(
             let origin = origin_index(config, &host)?;
             let primary_key = policy::primary_key(&host, &path_and_query);
             let id = format!("{:032x}", rand::random::<u128>());
-            let identity = tier.filter(|t| t.has_upper()).map(|_| {
-                RequestIdentity::new(
-                    host.clone(),
-                    policy::key_id(&primary_key),
-                    id.clone(),
-                    config.node.name.clone(),
-                )
-            });
+            let tiered = tier.is_some_and(|t| t.has_upper());
             Ok(RequestContext {
                 id,
                 host,
@@ -82,7 +75,7 @@ pub fn admit(
                 path_and_query,
                 primary_key,
                 method_cacheable,
-                identity,
+                tiered,
                 received: None,
             })
         }
@@ -115,7 +108,7 @@ pub fn admit(
                 origin,
                 path_and_query,
                 method_cacheable,
-                identity: None,
+                tiered: false,
                 received: Some(control),
             })
         }

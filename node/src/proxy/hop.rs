@@ -65,7 +65,9 @@ impl Proxy {
                 ctx.progress.current_hop(),
             ) {
                 ctx.progress.resends += 1;
-                let context = r.identity.as_ref().map(|i| tier.issue(i, addr));
+                let context = r
+                    .identity(&self.config().node.name)
+                    .map(|i| tier.issue(&i, addr));
                 let hop = Hop::Upper(addr);
                 ctx.progress.attempts.push(Attempt {
                     hop,
@@ -84,7 +86,9 @@ impl Proxy {
                     .collect()
             });
             if let Some(&addr) = route.get(tried) {
-                let context = r.identity.as_ref().map(|i| tier.issue(i, addr));
+                let context = r
+                    .identity(&self.config().node.name)
+                    .map(|i| tier.issue(&i, addr));
                 let hop = Hop::Upper(addr);
                 ctx.progress.attempts.push(Attempt {
                     hop,
