@@ -10,7 +10,8 @@ root=$(pwd)
 scripts/setup.sh faketime nginx
 # Proptest case counts are sized in code for CI; bound shrinking so a failure ends promptly.
 export PROPTEST_MAX_SHRINK_ITERS=${PROPTEST_MAX_SHRINK_ITERS:-2048}
-leftovers() { pgrep -f "^$root/target/[^ ]*/stratus (run|demo)" || true; }
+# Nodes, and the nginx processes of the benchmark's smoke round (run in temporary directories).
+leftovers() { pgrep -f "^$root/target/[^ ]*/stratus (run|demo)|nginx.* -p /tmp/\.tmp" || true; }
 rm -f target/tmp/chaos-summary.txt
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
@@ -26,8 +27,8 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
 done
 left=$(leftovers)
 if [ -n "$left" ]; then
-  echo "test.sh: stratus processes left behind by the tests:" >&2
+  echo "test.sh: processes left behind by the tests:" >&2
   ps -o pid=,args= -p $left >&2 || true
   exit 1
 fi
-echo "test.sh: no stratus process left behind"
+echo "test.sh: no stratus or nginx process left behind"

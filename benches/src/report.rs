@@ -320,7 +320,7 @@ pub fn plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let bars: Vec<(String, System, Summary)> = groups
         .iter()
         .filter_map(|(sc, sy)| {
-            summarize(&r.samples, sc, *sy).map(|s| (format!("{} {}", sy.name(), sc), *sy, s))
+            summarize(&r.samples, sc, *sy).map(|s| (short_label(sc, *sy), *sy, s))
         })
         .collect();
     bar_chart(
@@ -343,6 +343,17 @@ pub fn plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A label short enough to sit under its bar.
+fn short_label(scenario: &str, system: System) -> String {
+    match (scenario, system) {
+        (TRACING_UNSAMPLED, _) => "unsampled".into(),
+        (TRACING_ON, _) => "traced".into(),
+        (FLEET_LOWER, sy) => format!("{} lower", sy.name()),
+        (_, System::Baseline) => "before".into(),
+        (_, sy) => sy.name().into(),
+    }
+}
+
 fn colour(system: System) -> RGBColor {
     match system {
         System::Stratus => RGBColor(31, 119, 180),
@@ -352,7 +363,7 @@ fn colour(system: System) -> RGBColor {
 }
 
 fn bar_chart(path: &Path, title: &str, bars: &[(String, System, f64)]) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let top = bars.iter().map(|b| b.2).fold(0.0, f64::max) * 1.15 + 1e-9;
     let mut chart = ChartBuilder::on(&root)
@@ -394,7 +405,7 @@ fn bar_chart(path: &Path, title: &str, bars: &[(String, System, f64)]) -> anyhow
 }
 
 fn latency_chart(path: &Path, bars: &[(String, System, Summary)]) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let top = bars.iter().flat_map(|b| b.2.latency_ms).fold(0.0, f64::max) * 1.15 + 1e-9;
     let mut chart = ChartBuilder::on(&root)
