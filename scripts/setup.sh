@@ -11,7 +11,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v "${PROTOC:-protoc}" >/dev/null 2>&1 || need+=(protobuf-compiler)
 for extra in "$@"; do
-  command -v "$extra" >/dev/null 2>&1 || need+=("$extra")
+  # /usr/sbin is not on a non-root PATH (nginx lives there).
+  command -v "$extra" >/dev/null 2>&1 || [ -x "/usr/sbin/$extra" ] || need+=("$extra")
 done
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

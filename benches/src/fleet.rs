@@ -43,6 +43,8 @@ pub struct Plan {
     pub capacity_mib: u64,
     /// Leave nginx out (the smoke round without nginx installed).
     pub skip_nginx: bool,
+    /// Pin the measured process to a core of its own and everything else to another.
+    pub pin: bool,
     /// Another `stratus` build measured beside this one on the one-node hot hit (before/after).
     pub baseline: Option<PathBuf>,
     /// Run only this part: `"hot"` (the hot hit on one node) or `"memory"` (RSS per object
@@ -64,6 +66,7 @@ impl Plan {
             objects: 100_000,
             capacity_mib: 32,
             skip_nginx: false,
+            pin: true,
             baseline: None,
             only: None,
         }
@@ -79,6 +82,8 @@ impl Plan {
             zipf_requests: 2_000,
             objects: 2_000,
             capacity_mib: 1,
+            // Starved debug-build uppers could miss probes; a smoke round measures nothing.
+            pin: false,
             ..Plan::full(stratus)
         }
     }
@@ -188,6 +193,8 @@ pub struct Report {
     pub capacity: Option<Capacity>,
     /// Wall time of the whole run.
     pub wall: Duration,
+    /// `(load generator's core, measured process's core)` when pinned.
+    pub cores: Option<(usize, usize)>,
 }
 
 /// Scenario labels, in report order.
@@ -205,7 +212,12 @@ pub const TRACING_ON: &str = "tracing on";
 /// call it on a current-thread runtime so that the load generator stays there.
 pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
     let started = Instant::now();
-    sys::pin_current_thread(0)?;
+    let allowed = sys::allowed_cores();
+    let cores = match allowed.as_slice() {
+        [load, node, ..] if plan.pin && sys::pin_current_thread(*load) => Some((*load, *node)),
+        _ => None,
+    };
+    let node_core = cores.map(|(_, node)| node);
     let nginx_version = if plan.skip_nginx {
         "not run (skipped)".to_string()
     } else {
@@ -228,7 +240,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
             d.system = System::Baseline;
             deployments.push(d);
         }
-        samples.extend(alternate(plan, scenario, &deployments, "/hot").await?);
+        samples.extend(alternate(plan, node_core, scenario, &deployments, "/hot").await?);
     }
 
     if plan.only.is_some() {
@@ -249,6 +261,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
             memory,
             capacity,
             wall: started.elapsed(),
+            cores,
         });
     }
 
@@ -270,7 +283,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
     }
     for round in 0..plan.rounds {
         for i in rotation(modes.len(), round) {
-            samples.push(measure(plan, modes[i].0, &traced[i], "/hot").await?);
+            samples.push(measure(plan, node_core, modes[i].0, &traced[i], "/hot").await?);
         }
     }
     for (i, d) in traced.iter().enumerate() {
@@ -289,6 +302,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
     for system in systems_of(plan) {
         let origin = BenchOrigin::start(plan.body).await?;
         let deployment = deploy(plan, system, true, origin.addr(), "").await?;
+        if let Some(core) = node_core {
+            sys::pin_process(deployment.front_pid, core);
+        }
         let spec = LoadSpec {
             target: deployment.front,
             host: HOST.into(),
@@ -322,6 +338,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
         memory,
         capacity,
         wall: started.elapsed(),
+        cores,
     })
 }
 
@@ -358,6 +375,7 @@ async fn deploy(
 /// `plan.rounds` rounds over `deployments`, in rotating order.
 async fn alternate(
     plan: &Plan,
+    node_core: Option<usize>,
     scenario: &str,
     deployments: &[Deployment],
     path: &str,
@@ -365,20 +383,24 @@ async fn alternate(
     let mut samples = Vec::new();
     for round in 0..plan.rounds {
         for i in rotation(deployments.len(), round) {
-            samples.push(measure(plan, scenario, &deployments[i], path).await?);
+            samples.push(measure(plan, node_core, scenario, &deployments[i], path).await?);
         }
     }
     Ok(samples)
 }
 
-/// Warms `path` on `d`, pins its front process to core 1 and measures one round of hot hits.
+/// Warms `path` on `d`, pins its front process to `node_core` and measures one round of hot
+/// hits.
 async fn measure(
     plan: &Plan,
+    node_core: Option<usize>,
     scenario: &str,
     d: &Deployment,
     path: &str,
 ) -> anyhow::Result<Sample> {
-    sys::pin_process(d.front_pid, 1)?;
+    if let Some(core) = node_core {
+        sys::pin_process(d.front_pid, core);
+    }
     let warm = LoadSpec {
         target: d.front,
         host: HOST.into(),

@@ -97,6 +97,12 @@ impl LoadResult {
     }
 }
 
+/// The longest a request may wait for its answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request sent just before the deadline still gets this long.
+const MIN_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// What one connection's task gathered.
 struct ConnTally {
     requests: u64,
@@ -200,16 +206,25 @@ async fn connection(
             format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", spec.host).as_bytes(),
         );
         let sent = Instant::now();
-        let answer = match stream.as_mut() {
-            Some(s) => exchange(s, &request, &mut buf).await,
-            None => match TcpStream::connect(spec.target).await {
-                Ok(s) => {
+        // A server that stalls on one answer costs this request, not the run: it ends with the
+        // run's deadline (and never waits longer than ANSWER_TIMEOUT).
+        let limit = deadline
+            .saturating_duration_since(sent)
+            .clamp(MIN_ANSWER_WAIT, ANSWER_TIMEOUT);
+        let attempt = async {
+            match stream.as_mut() {
+                Some(s) => exchange(s, &request, &mut buf).await,
+                None => {
+                    let s = TcpStream::connect(spec.target).await?;
                     let _ = s.set_nodelay(true);
                     let s = stream.insert(s);
                     exchange(s, &request, &mut buf).await
                 }
-                Err(e) => Err(e.into()),
-            },
+            }
+        };
+        let answer = match tokio::time::timeout(limit, attempt).await {
+            Ok(answer) => answer,
+            Err(_) => Err(anyhow::anyhow!("no answer within {limit:?}")),
         };
         match answer {
             Ok((status, body, keep)) => {

@@ -96,10 +96,17 @@ pub fn markdown(r: &Report, command: &str) -> String {
         "- plan: {} rounds of {} s per figure, alternating systems; {} keep-alive connections from one load-generator thread; {}-byte bodies; Zipf s = 1.0 over {} keys; {} objects for memory; whole run {:.0} s",
         p.rounds, p.secs, p.connections, p.body, p.zipf_keys, p.objects, r.wall.as_secs_f64()
     );
-    let _ = writeln!(
-        md,
-        "- the measured process (the one node, or the fleet's lower) is pinned to core 1 with one worker (stratus `threads = 1`, nginx one process); the load generator, origin and span sink share core 0; uppers run on core 0 too"
-    );
+    let workers = "one worker (stratus `threads = 1`, nginx one process)";
+    let _ = match r.cores {
+        Some((load, node)) => writeln!(
+            md,
+            "- the measured process (the one node, or the fleet's lower) is pinned to core {node} with {workers}; the load generator, origin, span sink and the fleets' uppers share core {load}"
+        ),
+        None => writeln!(
+            md,
+            "- nothing pinned (fewer than two usable cores, or a smoke round); {workers}"
+        ),
+    };
     let _ = writeln!(
         md,
         "\n**Trust CPU per request** (user + system time of the measured process from `/proc/<pid>/stat`, divided by the requests answered): requests per second on this shared 2-core machine move with everything else that runs, and with the load generator's own speed; CPU per request much less. Figures are medians over the rounds, ranges in brackets.\n"

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use nix::sched::{sched_setaffinity, CpuSet};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
 /// User plus system CPU time of process `pid` (all its threads), in seconds.
@@ -50,31 +50,49 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Lets every thread of process `pid` run only on `cpu` (threads it creates later inherit it).
-/// Does nothing on a machine with fewer than two cores.
-pub fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
-    if cores() < 2 {
-        return Ok(());
-    }
-    let mut set = CpuSet::new();
-    set.set(cpu)?;
+/// Returns whether it did: not on a machine where this process may use fewer than two cores,
+/// nor when `cpu` is not one of them.
+pub fn pin_process(pid: u32, cpu: usize) -> bool {
+    let Some(set) = single(cpu) else {
+        return false;
+    };
     let tasks = Path::new("/proc").join(pid.to_string()).join("task");
-    for task in std::fs::read_dir(&tasks)? {
-        let tid: i32 = task?.file_name().to_string_lossy().parse()?;
-        // A thread may have exited since the listing.
-        let _ = sched_setaffinity(Pid::from_raw(tid), &set);
+    let Ok(listing) = std::fs::read_dir(&tasks) else {
+        return false;
+    };
+    for task in listing.flatten() {
+        if let Ok(tid) = task.file_name().to_string_lossy().parse::<i32>() {
+            // A thread may have exited since the listing.
+            let _ = sched_setaffinity(Pid::from_raw(tid), &set);
+        }
     }
-    Ok(())
+    true
 }
 
-/// Lets the calling thread run only on `cpu` (on a machine with two cores or more).
-pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
-    if cores() < 2 {
-        return Ok(());
+/// Lets the calling thread run only on `cpu`; returns whether it did (as [`pin_process`]).
+pub fn pin_current_thread(cpu: usize) -> bool {
+    single(cpu).is_some_and(|set| sched_setaffinity(Pid::from_raw(0), &set).is_ok())
+}
+
+/// The cores this process may run on (the benchmark pins to the first two of them).
+pub fn allowed_cores() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// A set of only `cpu`, when it is allowed and there is another core to keep apart from it.
+fn single(cpu: usize) -> Option<CpuSet> {
+    let allowed = allowed_cores();
+    if allowed.len() < 2 || !allowed.contains(&cpu) {
+        return None;
     }
     let mut set = CpuSet::new();
-    set.set(cpu)?;
-    sched_setaffinity(Pid::from_raw(0), &set)?;
-    Ok(())
+    set.set(cpu).ok()?;
+    Some(set)
 }
 
 /// Cores of the machine (not only those this thread may use: the benchmark pins itself).

@@ -107,13 +107,7 @@ fn init_logging(format: LogFormat, telemetry: Option<&stratus_tracing::Telemetry
     let registry = tracing_subscriber::registry().with(background);
     // Text fields as `name=value`, without the default formatter's per-field styling: the
     // access line's 13 fields were 14% of a hot hit's instructions (benches/results/README.md).
-    use tracing_subscriber::field::MakeExt;
-    let plain_fields =
-        tracing_subscriber::fmt::format::debug_fn(|w, field, value| match field.name() {
-            "message" => write!(w, "{value:?}"),
-            name => write!(w, "{name}={value:?}"),
-        })
-        .delimited(" ");
+    let plain_fields = PlainFields;
     let _ = match format {
         LogFormat::Text if std::io::stderr().is_terminal() => registry
             .with(lines.with_ansi(true).with_filter(filter))
@@ -130,6 +124,51 @@ fn init_logging(format: LogFormat, telemetry: Option<&stratus_tracing::Telemetry
             .with(lines.json().with_ansi(false).with_filter(filter))
             .try_init(),
     };
+}
+
+/// Text log fields as `name=value` separated by spaces, the message bare first, the `log`
+/// bridge's `log.*` metadata left out: what tracing-subscriber's default formatter writes
+/// without colour, without its per-field styling calls.
+struct PlainFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for PlainFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = PlainVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl tracing::field::Visit for PlainVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let pad = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = match name {
+            "message" => write!(self.writer, "{pad}{value:?}"),
+            name => write!(self.writer, "{pad}{name}={value:?}"),
+        };
+    }
 }
 
 /// The helper servers behind hidden commands, for benchmarks.

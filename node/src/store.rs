@@ -62,11 +62,13 @@ const EXPIRY_GRACE: Duration = Duration::from_secs(2);
 /// the response header's fields in HTTP/1 wire form, uncompressed.
 ///
 /// `CacheMeta` is not `Clone` and its provenance fields are crate-private, so the internal part
-/// is kept serialized and decoded on each lookup rather than rebuilt lossily. The header is
-/// not kept the way pingora serializes it (zstd-compressed, decoded through a 256-slot parse
-/// buffer): decompressing and parsing that on every hit was 86% of a hit's lookup (callgrind,
-/// benches/results/README.md). Nor is it kept decoded: a `ResponseHeader` with its two header
-/// maps costs over a kilobyte per object. Wire bytes cost what the header is, and parse fast.
+/// is kept serialized and decoded on each lookup rather than rebuilt lossily (pingora's
+/// deserialize needs a header too: a bare placeholder, a few dozen bytes to decompress). The
+/// stored header is not kept the way pingora serializes it (zstd-compressed, decoded through a
+/// 256-slot parse buffer): decompressing and parsing that on every hit was 86% of a hit's
+/// lookup (callgrind, benches/results/profile.md). Nor is it kept decoded: a `ResponseHeader`
+/// with its two header maps costs over a kilobyte per object. Wire bytes cost what the header
+/// is, and parse fast.
 struct MetaParts {
     internal: Box<[u8]>,
     status: u16,

@@ -42,6 +42,11 @@ fn main() -> anyhow::Result<()> {
     plan.skip_nginx = no_nginx;
     plan.only = only;
     plan.baseline = baseline;
+    if let Some(s) = secs {
+        if !(s.is_finite() && s > 0.0 && s <= 3600.0) {
+            bail!("--secs must be a number of seconds in (0, 3600]");
+        }
+    }
     plan.secs = secs.unwrap_or(plan.secs);
     plan.rounds = rounds.unwrap_or(plan.rounds);
     plan.objects = objects.unwrap_or(plan.objects);

@@ -575,3 +575,65 @@ fn concurrent_fills_count_against_capacity() {
         assert!(store.usage().bytes <= capacity);
     });
 }
+
+/// A lookup gives back the header the fill stored, exactly as pingora's own metadata
+/// round trip would: the names in the origin's case, repeated fields in order, the status, and
+/// more fields than the parse array on the stack holds; the internal part (freshness) too.
+#[test]
+fn a_stored_header_comes_back_as_pingora_would_decode_it() {
+    rt().block_on(async {
+        let store = Store::leaked(1 << 20);
+        let now = SystemTime::now();
+        let mut header = ResponseHeader::build(203, None).expect("header");
+        header.append_header("X-Mixed-Case", "one").expect("field");
+        header.append_header("set-cookie", "a=1").expect("field");
+        header
+            .append_header("Set-Cookie", "b=2; Path=/")
+            .expect("field");
+        header
+            .append_header("Cache-Control", "public, max-age=60")
+            .expect("field");
+        for i in 0..(STACK_FIELDS + 5) {
+            header
+                .append_header(format!("X-Extra-{i}"), format!("v{i}"))
+                .expect("field");
+        }
+        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 7, 9, header);
+        let (internal, blob) = meta.serialize().expect("serialize");
+        let pingora = CacheMeta::deserialize(&internal, &blob).expect("pingora's decode");
+        let span = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = store
+            .get_miss_handler(&key(1), &meta, &span)
+            .await
+            .expect("miss handler");
+        miss.write_body(Bytes::from_static(b"body"), false)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        let (ours, _) = store
+            .lookup(&key(1), &span)
+            .await
+            .expect("lookup")
+            .expect("a hit");
+        let wire = |m: &CacheMeta| {
+            let mut buf = Vec::new();
+            m.response_header().header_to_h1_wire(&mut buf);
+            String::from_utf8(buf).expect("ascii header")
+        };
+        assert_eq!(wire(&ours), wire(&pingora));
+        assert!(wire(&ours)
+            .contains("X-Mixed-Case: one\r\nset-cookie: a=1\r\nSet-Cookie: b=2; Path=/\r\n"));
+        assert_eq!(
+            ours.response_header().status,
+            pingora.response_header().status
+        );
+        assert_eq!(
+            ours.response_header().version,
+            pingora.response_header().version
+        );
+        assert_eq!(ours.fresh_until(), pingora.fresh_until());
+        assert_eq!(ours.created(), pingora.created());
+        assert_eq!(ours.stale_while_revalidate_sec(), 7);
+        assert_eq!(ours.stale_if_error_sec(), 9);
+    });
+}
