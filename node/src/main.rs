@@ -1,5 +1,6 @@
 //! The `stratus` command: `run`, `check` and `demo`.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -165,9 +166,30 @@ impl tracing::field::Visit for PlainVisitor<'_> {
             " "
         };
         self.result = match name {
-            "message" => write!(self.writer, "{pad}{value:?}"),
+            // A message may quote what a peer sent (pingora's errors do): control characters
+            // are escaped, as the default formatter does, so no one can write to a terminal.
+            "message" => write!(NoControl(&mut self.writer), "{pad}{value:?}"),
             name => write!(self.writer, "{pad}{name}={value:?}"),
         };
+    }
+}
+
+/// Writes through to `W`, with control characters written as `\u{..}` escapes.
+struct NoControl<'a, W>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for NoControl<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if !s.chars().any(char::is_control) {
+            return self.0.write_str(s);
+        }
+        for c in s.chars() {
+            if c.is_control() {
+                write!(self.0, "{}", c.escape_unicode())?;
+            } else {
+                self.0.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
