@@ -47,8 +47,8 @@ pub struct Plan {
     pub pin: bool,
     /// Another `stratus` build measured beside this one on the one-node hot hit (before/after).
     pub baseline: Option<PathBuf>,
-    /// Run only this part: `"hot"` (the hot hit on one node) or `"memory"` (RSS per object
-    /// and under `capacity`), to iterate on one figure.
+    /// Run only this part, to iterate on one figure: `"hot"` (the hot hit on one node),
+    /// `"fleet"` (through a fleet's lower), `"tracing"`, `"zipf"` or `"memory"`.
     pub only: Option<String>,
 }
 
@@ -223,13 +223,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
     } else {
         nginx_version()?
     };
+    // Which parts run: all, or the one `--only` names.
+    let part = |name: &str| plan.only.as_deref().is_none_or(|only| only == name);
     let origin = BenchOrigin::start(plan.body).await?;
     let mut samples = Vec::new();
 
     // Hot hit on one node, then through a fleet's lower: both systems, alternating rounds.
     for (scenario, fleet) in [(ONE_NODE, false), (FLEET_LOWER, true)] {
-        if plan.only.as_deref() == Some("memory") || (fleet && plan.only.is_some()) {
-            break;
+        if !part(if fleet { "fleet" } else { "hot" }) {
+            continue;
         }
         let mut deployments = Vec::new();
         for system in systems_of(plan) {
@@ -243,92 +245,80 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
         samples.extend(alternate(plan, node_core, scenario, &deployments, "/hot").await?);
     }
 
-    if plan.only.is_some() {
-        let (memory, capacity) = if plan.only.as_deref() == Some("memory") {
-            (
-                Some(memory(plan, &origin).await?),
-                Some(capacity(plan, &origin).await?),
-            )
-        } else {
-            (None, None)
+    if part("tracing") {
+        // Tracing: off, unsampled, sampled and exporting to a sink in this process.
+        let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sink_addr = sink.local_addr()?;
+        let sink_task = tokio::spawn(stratus_node::demo::serve_otlp_sink(sink));
+        let tracing = |ratio: f64| {
+            format!("[tracing]\notlp_endpoint = \"http://{sink_addr}\"\nsample_ratio = {ratio}\n")
         };
-        return Ok(Report {
-            plan: plan.clone(),
-            machine: sys::machine(),
-            nginx_version,
-            samples,
-            zipf: Vec::new(),
-            memory,
-            capacity,
-            wall: started.elapsed(),
-            cores,
-        });
-    }
-
-    // Tracing: off, unsampled, sampled and exporting to a sink in this process.
-    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let sink_addr = sink.local_addr()?;
-    let sink_task = tokio::spawn(stratus_node::demo::serve_otlp_sink(sink));
-    let tracing = |ratio: f64| {
-        format!("[tracing]\notlp_endpoint = \"http://{sink_addr}\"\nsample_ratio = {ratio}\n")
-    };
-    let modes = [
-        (TRACING_OFF, String::new()),
-        (TRACING_UNSAMPLED, tracing(0.0)),
-        (TRACING_ON, tracing(1.0)),
-    ];
-    let mut traced = Vec::new();
-    for (_, extra) in &modes {
-        traced.push(systems::stratus_node(&plan.stratus, origin.addr(), extra).await?);
-    }
-    for round in 0..plan.rounds {
-        for i in rotation(modes.len(), round) {
-            samples.push(measure(plan, node_core, modes[i].0, &traced[i], "/hot").await?);
+        let modes = [
+            (TRACING_OFF, String::new()),
+            (TRACING_UNSAMPLED, tracing(0.0)),
+            (TRACING_ON, tracing(1.0)),
+        ];
+        let mut traced = Vec::new();
+        for (_, extra) in &modes {
+            traced.push(systems::stratus_node(&plan.stratus, origin.addr(), extra).await?);
         }
-    }
-    for (i, d) in traced.iter().enumerate() {
-        if let Some(admin) = d.admin {
-            let dropped = metric(admin, "stratus_spans_dropped_total").await?;
-            if dropped > 0.0 {
-                eprintln!("fleet-bench: {}: {dropped} spans dropped", modes[i].0);
+        for round in 0..plan.rounds {
+            for i in rotation(modes.len(), round) {
+                samples.push(measure(plan, node_core, modes[i].0, &traced[i], "/hot").await?);
             }
         }
-    }
-    drop(traced);
-    sink_task.abort();
-
-    // Zipf through a fresh fleet of each system.
-    let mut zipf = Vec::new();
-    for system in systems_of(plan) {
-        let origin = BenchOrigin::start(plan.body).await?;
-        let deployment = deploy(plan, system, true, origin.addr(), "").await?;
-        if let Some(core) = node_core {
-            sys::pin_process(deployment.front_pid, core);
+        for (i, d) in traced.iter().enumerate() {
+            if let Some(admin) = d.admin {
+                let dropped = metric(admin, "stratus_spans_dropped_total").await?;
+                if dropped > 0.0 {
+                    eprintln!("fleet-bench: {}: {dropped} spans dropped", modes[i].0);
+                }
+            }
         }
-        let spec = LoadSpec {
-            target: deployment.front,
-            host: HOST.into(),
-            keys: Keys::Zipf {
-                prefix: "/z/".into(),
-                n: plan.zipf_keys,
-                s: 1.0,
-            },
-            connections: plan.connections,
-            duration: Duration::from_secs_f64(plan.secs * 3.0),
-            max_requests: plan.zipf_requests,
-            seed: 7,
-        };
-        let load = load::run(&spec).await?;
-        zipf.push(ZipfRun {
-            system,
-            origin_requests: origin.total(),
-            origin_distinct: origin.distinct(),
-            load,
-        });
+        drop(traced);
+        sink_task.abort();
     }
 
-    let memory = Some(memory(plan, &origin).await?);
-    let capacity = Some(capacity(plan, &origin).await?);
+    let mut zipf = Vec::new();
+    if part("zipf") {
+        // Zipf through a fresh fleet of each system.
+        for system in systems_of(plan) {
+            let origin = BenchOrigin::start(plan.body).await?;
+            let deployment = deploy(plan, system, true, origin.addr(), "").await?;
+            if let Some(core) = node_core {
+                sys::pin_process(deployment.front_pid, core);
+            }
+            let spec = LoadSpec {
+                target: deployment.front,
+                host: HOST.into(),
+                keys: Keys::Zipf {
+                    prefix: "/z/".into(),
+                    n: plan.zipf_keys,
+                    s: 1.0,
+                },
+                connections: plan.connections,
+                duration: Duration::from_secs_f64(plan.secs * 3.0),
+                max_requests: plan.zipf_requests,
+                seed: 7,
+            };
+            let load = load::run(&spec).await?;
+            zipf.push(ZipfRun {
+                system,
+                origin_requests: origin.total(),
+                origin_distinct: origin.distinct(),
+                load,
+            });
+        }
+    }
+
+    let (memory, capacity) = if part("memory") {
+        (
+            Some(memory(plan, &origin).await?),
+            Some(capacity(plan, &origin).await?),
+        )
+    } else {
+        (None, None)
+    };
     Ok(Report {
         plan: plan.clone(),
         machine: sys::machine(),

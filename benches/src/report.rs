@@ -11,6 +11,18 @@ use crate::fleet::{
 };
 use crate::systems::System;
 
+/// The hot-hit rows of the report and the bars of its plots, in order.
+const HOT_ROWS: [(&str, System); 8] = [
+    (ONE_NODE, System::Stratus),
+    (ONE_NODE, System::Nginx),
+    (ONE_NODE, System::Baseline),
+    (FLEET_LOWER, System::Stratus),
+    (FLEET_LOWER, System::Nginx),
+    (TRACING_OFF, System::Stratus),
+    (TRACING_UNSAMPLED, System::Stratus),
+    (TRACING_ON, System::Stratus),
+];
+
 /// The median of `values` (0 when empty).
 pub fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
@@ -125,17 +137,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
         "| scenario | system | requests/s | CPU µs/request | core busy | p50 ms | p90 ms | p99 ms | p99.9 ms |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
-    let rows = [
-        (ONE_NODE, System::Stratus),
-        (ONE_NODE, System::Nginx),
-        (ONE_NODE, System::Baseline),
-        (FLEET_LOWER, System::Stratus),
-        (FLEET_LOWER, System::Nginx),
-        (TRACING_OFF, System::Stratus),
-        (TRACING_UNSAMPLED, System::Stratus),
-        (TRACING_ON, System::Stratus),
-    ];
-    for (scenario, system) in rows {
+    for (scenario, system) in HOT_ROWS {
         if let Some(s) = summarize(&r.samples, scenario, system) {
             let _ = writeln!(
                 md,
@@ -335,17 +337,10 @@ pub fn markdown(r: &Report, command: &str) -> String {
 
 /// Writes the three SVG plots of `r` into `dir`.
 pub fn plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
-    let groups = [
-        (ONE_NODE, System::Baseline),
-        (ONE_NODE, System::Stratus),
-        (ONE_NODE, System::Nginx),
-        (FLEET_LOWER, System::Stratus),
-        (FLEET_LOWER, System::Nginx),
-        (TRACING_UNSAMPLED, System::Stratus),
-        (TRACING_ON, System::Stratus),
-    ];
-    let bars: Vec<(String, System, Summary)> = groups
+    // Tracing off is the one-node stratus bar again.
+    let bars: Vec<(String, System, Summary)> = HOT_ROWS
         .iter()
+        .filter(|(sc, _)| *sc != TRACING_OFF)
         .filter_map(|(sc, sy)| {
             summarize(&r.samples, sc, *sy).map(|s| (short_label(sc, *sy), *sy, s))
         })

@@ -1,6 +1,6 @@
 //! `fleet-bench`: runs the fleet load benchmark and writes its report and plots.
 //!
-//!   fleet-bench --stratus target/release/stratus --out benches/results [--smoke] [--no-nginx] [--only hot|memory] [--baseline OLD-STRATUS]
+//!   fleet-bench --stratus target/release/stratus --out benches/results [--smoke] [--no-nginx] [--only hot|fleet|tracing|zipf|memory] [--baseline OLD-STRATUS]
 //!               [--secs S] [--rounds N] [--objects N] [--command "how to reproduce"]
 
 use std::path::PathBuf;
